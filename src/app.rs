@@ -1,0 +1,189 @@
+//! Wiring: config -> store -> engine -> pingora server, plus the one-shot
+//! commands (`check`, `cleanup`).
+
+use crate::config::Config;
+use crate::drain::DrainOnSignal;
+use crate::proxy::engine::SessionEngine;
+use crate::proxy::SessionProxy;
+use crate::store::StoreHandle;
+use async_trait::async_trait;
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server, ShutdownWatch};
+use pingora::services::background::{background_service, BackgroundService};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Run the gateway until SIGTERM/SIGINT. With `demo`, also serve the
+/// bundled demo app on the first upstream address.
+pub fn run(config: Config, demo: bool) -> Result<(), String> {
+    let store = StoreHandle::new(config.store.backend.clone()).map_err(|e| e.to_string())?;
+    let purge_store = store.sibling();
+    let engine = Arc::new(SessionEngine::new(&config, store));
+
+    let conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs_f64().ceil() as u64),
+        graceful_shutdown_timeout_seconds: Some(1),
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Opt::default(), conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        SessionProxy::new(
+            engine.clone(),
+            config.upstreams.clone(),
+            config.server.upstream_connect_timeout,
+            config.server.upstream_read_timeout,
+        ),
+        "session-gateway",
+    );
+    for addr in &config.listen {
+        proxy.add_tcp(addr);
+    }
+    server.add_service(proxy);
+
+    if !config.store.cleanup_interval.is_zero() {
+        server.add_service(background_service(
+            "session purge",
+            Purger {
+                store: purge_store,
+                interval: config.store.cleanup_interval,
+            },
+        ));
+    }
+
+    if demo {
+        let addr = config.upstreams[0].to_string();
+        let mut app = pingora::services::listening::Service::new(
+            "demo upstream".to_string(),
+            crate::demo::DemoApp {
+                header: config.session.headers.data.clone(),
+            },
+        );
+        app.add_tcp(&addr);
+        server.add_service(app);
+        tracing::info!("demo upstream serving on http://{addr}");
+    }
+
+    for addr in &config.listen {
+        tracing::info!(
+            "session-gateway listening on http://{addr} -> {} (store: {})",
+            config
+                .upstreams
+                .iter()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+            config.store.backend.kind()
+        );
+    }
+    server.run(RunArgs {
+        shutdown_signal: Box::new(DrainOnSignal {
+            grace_period: config.server.grace_period,
+        }),
+    });
+    Ok(())
+}
+
+/// Periodic removal of expired sessions for stores without native expiry.
+struct Purger {
+    store: StoreHandle,
+    interval: Duration,
+}
+
+#[async_trait]
+impl BackgroundService for Purger {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.tick().await; // the first tick is immediate; start after one interval
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = ticker.tick() => {}
+            }
+            match self.store.get().await {
+                Ok(store) => match store.purge_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!("purged {n} expired session(s)"),
+                    Err(e) => tracing::warn!(error = %e, "purging expired sessions failed"),
+                },
+                Err(e) => tracing::warn!(error = %e, "purge skipped: store unavailable"),
+            }
+        }
+    }
+}
+
+fn one_shot_runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start a runtime: {e}"))
+}
+
+/// `--test` / `check`: connect to the store and describe what would run.
+pub fn check(config: &Config) -> Result<String, String> {
+    let store = StoreHandle::new(config.store.backend.clone()).map_err(|e| e.to_string())?;
+    let key = config.store.backend.primary_key();
+    one_shot_runtime()?.block_on(async {
+        let result =
+            tokio::time::timeout(config.store.timeout.max(Duration::from_secs(5)), async {
+                store.get().await?.check().await
+            })
+            .await;
+        match result {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(format!("{key}: {e}")),
+            Err(_) => Err(format!("{key}: store did not answer within 5s")),
+        }
+    })?;
+    let c = &config.cookie;
+    let s = &config.session;
+    Ok(format!(
+        "configuration OK\n\
+         listen:    {}\n\
+         upstream:  {} ({})\n\
+         store:     {} (reachable)\n\
+         cookie:    {}; Path={}{}{}{}; SameSite={:?}\n\
+         sessions:  {}, lifetime {:?}, refresh_each_request {}, expiry update interval {:?}, max {} bytes, {:?}\n\
+         keys:      {} secret key(s){}\n\
+         exclude:   {:?}",
+        config.listen.join(", "),
+        config.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
+        if config.upstreams.len() > 1 { "round-robin" } else { "single" },
+        config.store.backend.describe(),
+        c.name,
+        c.path,
+        c.domain.as_ref().map(|d| format!("; Domain={d}")).unwrap_or_default(),
+        if c.secure { "; Secure" } else { "" },
+        if c.http_only { "; HttpOnly" } else { "" },
+        c.same_site,
+        if s.permanent { "permanent" } else { "transient" },
+        s.lifetime,
+        s.refresh_each_request,
+        s.expiry_update_interval,
+        s.max_bytes,
+        s.on_store_error,
+        config.keys.len(),
+        config
+            .secret_key_file
+            .as_ref()
+            .map(|p| format!(" (incl. {})", p.display()))
+            .unwrap_or_default(),
+        s.exclude,
+    ))
+}
+
+/// `cleanup`: purge expired sessions once (for cron) and report how many.
+pub fn cleanup(config: &Config) -> Result<u64, String> {
+    let store = StoreHandle::new(config.store.backend.clone()).map_err(|e| e.to_string())?;
+    let key = config.store.backend.primary_key();
+    one_shot_runtime()?.block_on(async {
+        let store = store.get().await.map_err(|e| format!("{key}: {e}"))?;
+        store
+            .purge_expired()
+            .await
+            .map_err(|e| format!("{key}: {e}"))
+    })
+}

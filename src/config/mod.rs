@@ -1,0 +1,196 @@
+//! Configuration: the YAML schema users write ([`schema`]), its validation
+//! (every error names the YAML key it is about), and the internal model
+//! ([`Config`]) the rest of the gateway uses. Renaming a user-facing key only
+//! touches this module.
+
+pub mod duration;
+mod env;
+mod schema;
+
+pub use schema::deserialize_at;
+
+use crate::store::StoreConfig;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The configuration shipped in `conf/gateway.yaml`, used when no `-c` is
+/// given.
+pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/gateway.yaml");
+
+/// A configuration problem, always prefixed with the YAML key it is about.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConfigError {
+    pub key: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.key, self.message)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SameSite {
+    Lax,
+    Strict,
+    None,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OnStoreError {
+    FailClosed,
+    FailOpen,
+}
+
+#[derive(Clone, Debug)]
+pub struct CookieSettings {
+    pub name: String,
+    pub domain: Option<String>,
+    pub path: String,
+    pub secure: bool,
+    pub http_only: bool,
+    pub same_site: SameSite,
+}
+
+/// The protocol header names, all derived from `session.header`.
+#[derive(Clone, Debug)]
+pub struct HeaderNames {
+    /// `X-Session`: data, both directions.
+    pub data: String,
+    /// `X-Session-Patch`: merge patch from the upstream.
+    pub patch: String,
+    /// `X-Session-Action`: actions from the upstream.
+    pub action: String,
+    /// `X-Session-Error`: set on requests when the store failed (fail_open).
+    pub error: String,
+    /// Lower-cased base name with `_` read as `-`; any header whose
+    /// normalized name starts with it is stripped.
+    pub strip_prefix: String,
+}
+
+impl HeaderNames {
+    pub fn new(base: &str) -> Self {
+        HeaderNames {
+            data: base.to_string(),
+            patch: format!("{base}-Patch"),
+            action: format!("{base}-Action"),
+            error: format!("{base}-Error"),
+            strip_prefix: base.to_ascii_lowercase().replace('_', "-"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SessionSettings {
+    pub headers: HeaderNames,
+    pub permanent: bool,
+    pub lifetime: Duration,
+    pub refresh_each_request: bool,
+    pub expiry_update_interval: Duration,
+    pub key_prefix: String,
+    pub id_bytes: usize,
+    pub max_bytes: usize,
+    pub on_store_error: OnStoreError,
+    pub exclude: Vec<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreSettings {
+    pub backend: StoreConfig,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Extra attempts for idempotent operations after a failure.
+    pub retries: u32,
+    /// Background purge of expired entries; zero disables.
+    pub cleanup_interval: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServerSettings {
+    pub threads: usize,
+    pub grace_period: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_read_timeout: Option<Duration>,
+}
+
+/// The validated configuration the gateway runs on.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: Vec<String>,
+    pub upstreams: Vec<SocketAddr>,
+    /// Secret keys, first signs, all verify.
+    pub keys: Vec<Vec<u8>>,
+    /// Where `secret_key_file` came from, for `--test` output.
+    pub secret_key_file: Option<PathBuf>,
+    pub cookie: CookieSettings,
+    pub session: SessionSettings,
+    pub store: StoreSettings,
+    pub server: ServerSettings,
+    pub log_level: String,
+}
+
+pub const MIN_SECRET_BYTES: usize = 32;
+
+impl Config {
+    /// Read, parse and validate a config file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new(
+                "",
+                format!("cannot read config file {}: {e}", path.display()),
+            )
+        })?;
+        Self::from_yaml(&text)
+    }
+
+    /// Parse and validate YAML text. Relative paths in it are relative to
+    /// the working directory.
+    pub fn from_yaml(text: &str) -> Result<Config, ConfigError> {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(text)
+            .map_err(|e| ConfigError::new("", format!("invalid YAML: {e}")))?;
+        env::substitute(&mut value, &mut String::new())?;
+        let file: schema::File = schema::deserialize_at(value, "")?;
+        file.validate()
+    }
+
+    /// The session cookie lifetime and store TTL.
+    pub fn lifetime(&self) -> Duration {
+        self.session.lifetime
+    }
+}
+
+pub(crate) fn resolve_addrs(key: &str, addrs: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
+    let mut out = Vec::new();
+    for (i, a) in addrs.iter().enumerate() {
+        let key = if addrs.len() == 1 && i == 0 {
+            key.to_string()
+        } else {
+            format!("{key}[{i}]")
+        };
+        let resolved = a
+            .to_socket_addrs()
+            .map_err(|e| ConfigError::new(&key, format!("`{a}` is not a host:port address ({e})")))?
+            .next()
+            .ok_or_else(|| ConfigError::new(&key, format!("`{a}` resolves to no address")))?;
+        out.push(resolved);
+    }
+    Ok(out)
+}

@@ -1,0 +1,360 @@
+//! The pingora proxy. [`SessionProxy`] is deliberately thin: each phase
+//! hands its work to the [`engine`], [`cookies`], [`protocol`] and [`path`]
+//! units and only moves headers in and out of pingora's types.
+//!
+//! Phases used:
+//! - `request_filter`: decide the session (exclude, cookie, store load);
+//!   may answer 503 itself (`fail_closed`).
+//! - `upstream_request_filter`: strip forged protocol headers and our
+//!   cookie, add `X-Session`.
+//! - `response_filter`: read and strip the upstream's protocol headers,
+//!   write the store, set the cookie. A failure here becomes an error that
+//!   `fail_to_proxy` turns into our plain-text 502/503 (the upstream's
+//!   headers and body never reach the client).
+
+pub mod cookies;
+pub mod engine;
+pub mod path;
+pub mod protocol;
+
+use crate::drain::InflightGuard;
+use async_trait::async_trait;
+use bytes::Bytes;
+use engine::{Failure, SessionEngine, SessionState};
+use pingora::http::{RequestHeader, ResponseHeader};
+use pingora::prelude::*;
+use pingora::proxy::FailToProxy;
+use pingora::{Error, ErrorSource, ErrorType};
+use protocol::{is_protocol_header, RawDirectives};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+/// Per-request state.
+pub struct RequestCtx {
+    pub request_id: String,
+    state: Option<SessionState>,
+    /// The failure to answer with from `fail_to_proxy`.
+    failure: Option<Failure>,
+    committed: bool,
+    _inflight: InflightGuard,
+}
+
+/// Shared state of the proxy service.
+pub struct SessionProxy {
+    engine: Arc<SessionEngine>,
+    upstreams: Vec<SocketAddr>,
+    next_upstream: AtomicUsize,
+    connect_timeout: Duration,
+    read_timeout: Option<Duration>,
+}
+
+impl SessionProxy {
+    pub fn new(
+        engine: Arc<SessionEngine>,
+        upstreams: Vec<SocketAddr>,
+        connect_timeout: Duration,
+        read_timeout: Option<Duration>,
+    ) -> Self {
+        SessionProxy {
+            engine,
+            upstreams,
+            next_upstream: AtomicUsize::new(0),
+            connect_timeout,
+            read_timeout,
+        }
+    }
+}
+
+/// Request ids: a random per-process prefix and a counter, unique and cheap.
+fn new_request_id() -> String {
+    static PREFIX: OnceLock<u32> = OnceLock::new();
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let prefix = *PREFIX.get_or_init(|| {
+        let mut b = [0u8; 4];
+        getrandom::getrandom(&mut b).expect("OS random number generator failed");
+        u32::from_le_bytes(b)
+    });
+    format!(
+        "{prefix:08x}{:08x}",
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// An incoming `X-Request-Id` is reused when it is a short token, so logs
+/// can be correlated across proxies; anything else is replaced.
+fn incoming_request_id(req: &RequestHeader) -> Option<String> {
+    let v = req.headers.get("x-request-id")?.to_str().ok()?;
+    (!v.is_empty()
+        && v.len() <= 64
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b)))
+    .then(|| v.to_string())
+}
+
+/// Write a short plain-text response and end it.
+async fn send_plain(
+    session: &mut Session,
+    status: u16,
+    message: &str,
+    request_id: &str,
+) -> Result<()> {
+    let body = Bytes::from(format!("{message} (request id {request_id})\n"));
+    let mut resp = ResponseHeader::build(status, Some(4))?;
+    resp.insert_header("Content-Type", "text/plain; charset=utf-8")?;
+    resp.insert_header("Content-Length", body.len().to_string())?;
+    resp.insert_header("Cache-Control", "no-store")?;
+    resp.insert_header("X-Request-Id", request_id)?;
+    session.set_keepalive(None);
+    session.write_response_header(Box::new(resp), false).await?;
+    session.write_response_body(Some(body), true).await
+}
+
+/// Mark a response that sets the session cookie as private to the client:
+/// shared caches must not store it.
+fn make_private(resp: &mut ResponseHeader) -> Result<()> {
+    let mut directives: Vec<String> = Vec::new();
+    for v in resp.headers.get_all(http::header::CACHE_CONTROL) {
+        for d in String::from_utf8_lossy(v.as_bytes()).split(',') {
+            let d = d.trim();
+            if !d.is_empty() {
+                directives.push(d.to_string());
+            }
+        }
+    }
+    let lower = |d: &String| d.to_ascii_lowercase();
+    if directives.iter().any(|d| {
+        let l = lower(d);
+        l == "private" || l.starts_with("private=") || l == "no-store"
+    }) {
+        return Ok(());
+    }
+    directives.retain(|d| {
+        let l = lower(d);
+        l != "public" && !l.starts_with("s-maxage")
+    });
+    directives.push("private".into());
+    resp.insert_header(http::header::CACHE_CONTROL, directives.join(", "))?;
+    Ok(())
+}
+
+fn add_vary_cookie(resp: &mut ResponseHeader) -> Result<()> {
+    let already = resp.headers.get_all(http::header::VARY).iter().any(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .split(',')
+            .any(|t| t.trim().eq_ignore_ascii_case("cookie") || t.trim() == "*")
+    });
+    if !already {
+        resp.append_header(http::header::VARY, "Cookie")?;
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl ProxyHttp for SessionProxy {
+    type CTX = RequestCtx;
+
+    fn new_ctx(&self) -> RequestCtx {
+        RequestCtx {
+            request_id: String::new(),
+            state: None,
+            failure: None,
+            committed: false,
+            _inflight: InflightGuard::new(),
+        }
+    }
+
+    /// Decide the session before anything goes upstream.
+    async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let req = session.req_header();
+        ctx.request_id = incoming_request_id(req).unwrap_or_else(new_request_id);
+        let excluded = path::is_excluded(
+            req.uri.path_and_query().map_or("/", |p| p.as_str()),
+            &self.engine.session.exclude,
+        );
+        let found = if excluded {
+            cookies::Found::Absent
+        } else {
+            cookies::find(
+                req.headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+                &self.engine.cookie.name,
+            )
+        };
+        match self.engine.load(excluded, found, &ctx.request_id).await {
+            Ok(state) => {
+                ctx.state = Some(state);
+                Ok(false)
+            }
+            Err(failure) => {
+                send_plain(session, failure.status, &failure.message, &ctx.request_id).await?;
+                Ok(true)
+            }
+        }
+    }
+
+    async fn upstream_peer(
+        &self,
+        _session: &mut Session,
+        _ctx: &mut RequestCtx,
+    ) -> Result<Box<HttpPeer>> {
+        let i = self.next_upstream.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
+        let mut peer = HttpPeer::new(self.upstreams[i], false, String::new());
+        peer.options.connection_timeout = Some(self.connect_timeout);
+        peer.options.read_timeout = self.read_timeout;
+        Ok(Box::new(peer))
+    }
+
+    /// Strip what the client must not control and add the session data.
+    async fn upstream_request_filter(
+        &self,
+        _session: &mut Session,
+        upstream_request: &mut RequestHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let names = &self.engine.session.headers;
+        let forged: Vec<http::HeaderName> = upstream_request
+            .headers
+            .keys()
+            .filter(|n| is_protocol_header(n.as_str(), &names.strip_prefix))
+            .cloned()
+            .collect();
+        for name in forged {
+            upstream_request.remove_header(&name);
+        }
+        let state = ctx.state.as_ref();
+        if !matches!(state, Some(SessionState::Excluded)) {
+            if upstream_request.headers.contains_key(http::header::COOKIE) {
+                let kept = cookies::without(
+                    upstream_request
+                        .headers
+                        .get_all(http::header::COOKIE)
+                        .iter()
+                        .map(|v| v.as_bytes()),
+                    &self.engine.cookie.name,
+                );
+                upstream_request.remove_header(&http::header::COOKIE);
+                if let Some(kept) = kept {
+                    upstream_request.insert_header(http::header::COOKIE, kept)?;
+                }
+            }
+            if let Some(value) = state.and_then(|s| s.header_value()) {
+                upstream_request.insert_header(names.data.clone(), value)?;
+            }
+            if matches!(state, Some(SessionState::Unavailable)) {
+                upstream_request.insert_header(names.error.clone(), "store-unavailable")?;
+            }
+        }
+        if !upstream_request.headers.contains_key("x-request-id") {
+            upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        }
+        Ok(())
+    }
+
+    /// Apply the upstream's session directives and set the cookie.
+    async fn response_filter(
+        &self,
+        _session: &mut Session,
+        resp: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        let names = &self.engine.session.headers;
+        let mut raw = RawDirectives::default();
+        let mut protocol_names: Vec<http::HeaderName> = Vec::new();
+        for (name, value) in resp.headers.iter() {
+            if raw.offer(name.as_str(), value.as_bytes(), names) && !protocol_names.contains(name) {
+                protocol_names.push(name.clone());
+            }
+        }
+        for name in &protocol_names {
+            resp.remove_header(name);
+        }
+        // Interim (1xx) responses carry no session; the final one does.
+        if ctx.committed || (resp.status.is_informational() && resp.status != 101) {
+            return Ok(());
+        }
+        ctx.committed = true;
+        let Some(state) = ctx.state.as_ref() else {
+            return Ok(());
+        };
+        match self.engine.commit(state, &raw, &ctx.request_id).await {
+            Ok(result) => {
+                if let Some(cookie) = result.set_cookie {
+                    resp.append_header(http::header::SET_COOKIE, cookie)?;
+                    make_private(resp)?;
+                }
+                if result.vary_cookie {
+                    add_vary_cookie(resp)?;
+                }
+                Ok(())
+            }
+            Err(failure) => {
+                let status = failure.status;
+                ctx.failure = Some(failure);
+                Err(Error::explain(
+                    ErrorType::HTTPStatus(status),
+                    "session commit failed",
+                ))
+            }
+        }
+    }
+
+    /// Answer errors with a short plain-text body naming the problem.
+    async fn fail_to_proxy(
+        &self,
+        session: &mut Session,
+        e: &Error,
+        ctx: &mut RequestCtx,
+    ) -> FailToProxy {
+        let (code, message) = match ctx.failure.take() {
+            Some(f) => (f.status, f.message),
+            None => {
+                let code = match e.etype() {
+                    ErrorType::HTTPStatus(code) => *code,
+                    _ => match e.esource() {
+                        ErrorSource::Upstream => 502,
+                        ErrorSource::Downstream => match e.etype() {
+                            ErrorType::WriteError
+                            | ErrorType::ReadError
+                            | ErrorType::ConnectionClosed => 0,
+                            _ => 400,
+                        },
+                        ErrorSource::Internal | ErrorSource::Unset => 500,
+                    },
+                };
+                if code > 0 {
+                    tracing::warn!(request_id = %ctx.request_id, status = code, error = %e, "request failed");
+                }
+                let message = match code {
+                    502 => "upstream unavailable or failed".to_string(),
+                    400 => "bad request".to_string(),
+                    c => format!("request failed ({c})"),
+                };
+                (code, message)
+            }
+        };
+        if code > 0 {
+            let id = if ctx.request_id.is_empty() {
+                new_request_id()
+            } else {
+                ctx.request_id.clone()
+            };
+            if let Err(err) = send_plain(session, code, &message, &id).await {
+                tracing::debug!(request_id = %id, error = %err, "could not send error response");
+            }
+        }
+        FailToProxy {
+            error_code: code,
+            can_reuse_downstream: false,
+        }
+    }
+
+    /// Our own failures are logged where they are decided, with the request
+    /// id; pingora's generic line would only repeat them.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
+        true
+    }
+}

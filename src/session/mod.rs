@@ -1,0 +1,14 @@
+//! The session domain, independent of HTTP and of any store: signed ids
+//! ([`id`]), the session record and its wire formats ([`record`]), and the
+//! store interface every backend implements ([`store`]).
+//!
+//! Pingora's own `Session` type is an HTTP request; nothing here is named
+//! `Session` so the two are never confused.
+
+pub mod id;
+pub mod record;
+pub mod store;
+
+pub use id::{CookieVerifier, SessionId};
+pub use record::{merge_patch, SessionRecord};
+pub use store::{Loaded, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome};

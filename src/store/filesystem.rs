@@ -1,0 +1,435 @@
+//! `store.type: filesystem`: one file per session in a directory, like
+//! Flask-Session's FileSystemCache.
+//!
+//! - File names are the SHA-256 of the store key, so any `key_prefix` is safe.
+//! - A file is `SGW1` + expiry (u64 big-endian, ms since the epoch) + the
+//!   stored record; files are mode 0600, the directory 0700.
+//! - Every write goes to a temp file in the same directory and is renamed
+//!   over the target, so a reader sees the old or the new file, never half.
+//! - Writers of one key serialize on a lock stripe chosen by the file name,
+//!   which makes `update` atomic within one gateway process. Several gateway
+//!   processes sharing one directory are not supported (use Redis or SQL).
+//! - Expiry is checked on every read; `purge_expired` removes stale files,
+//!   and `threshold` caps the number of files like FileSystemCache does.
+
+use crate::session::{
+    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
+};
+use async_trait::async_trait;
+use sha2::{Digest, Sha256};
+use std::fs;
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const MAGIC: &[u8; 4] = b"SGW1";
+const HEADER: usize = 12;
+const STRIPES: usize = 64;
+const TMP_PREFIX: &str = ".tmp.";
+
+pub struct FilesystemStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    dir: PathBuf,
+    threshold: usize,
+    stripes: Vec<Mutex<()>>,
+    /// Approximate count of session files, kept to avoid a directory scan
+    /// on every create.
+    count: AtomicUsize,
+}
+
+impl FilesystemStore {
+    /// Open (creating if needed) the directory. `threshold` is the most
+    /// session files kept; 0 means unlimited.
+    pub fn open(dir: impl Into<PathBuf>, threshold: usize) -> io::Result<Self> {
+        let dir = dir.into();
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)?;
+        let count = session_files(&dir)?.count();
+        Ok(FilesystemStore {
+            inner: Arc::new(Inner {
+                dir,
+                threshold,
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                count: AtomicUsize::new(count),
+            }),
+        })
+    }
+
+    async fn run<T, F>(&self, op: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Inner) -> Result<T, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || op(&inner))
+            .await
+            .map_err(|e| StoreError::backend(format!("filesystem task failed: {e}")))?
+    }
+}
+
+fn file_name(key: &str) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let mut name = String::with_capacity(64);
+    for b in digest {
+        name.push_str(&format!("{b:02x}"));
+    }
+    name
+}
+
+fn session_files(dir: &Path) -> io::Result<impl Iterator<Item = fs::DirEntry>> {
+    Ok(fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().len() == 64 && !e.file_name().to_string_lossy().starts_with('.')))
+}
+
+fn to_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn io_err(e: io::Error) -> StoreError {
+    StoreError::backend(format!("filesystem: {e}"))
+}
+
+impl Inner {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    fn stripe(&self, name: &str) -> std::sync::MutexGuard<'_, ()> {
+        let idx = usize::from_str_radix(&name[..2], 16).unwrap_or(0) % STRIPES;
+        self.stripes[idx].lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Read a file: `Ok(None)` if absent, expired or corrupt.
+    fn read(&self, name: &str) -> Result<Option<Loaded>, StoreError> {
+        let bytes = match fs::read(self.path(name)) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(e)),
+        };
+        if bytes.len() < HEADER || &bytes[..4] != MAGIC {
+            tracing::warn!(file = name, "ignoring corrupt session file");
+            return Ok(None);
+        }
+        let expires_ms = u64::from_be_bytes(bytes[4..12].try_into().expect("8 bytes"));
+        let expires_at = UNIX_EPOCH + Duration::from_millis(expires_ms);
+        if expires_at <= SystemTime::now() {
+            return Ok(None);
+        }
+        match SessionRecord::from_stored(&bytes[HEADER..]) {
+            Ok(record) => Ok(Some(Loaded { record, expires_at })),
+            Err(e) => {
+                tracing::warn!(file = name, error = %e, "ignoring undecodable session file");
+                Ok(None)
+            }
+        }
+    }
+
+    /// Atomically replace (or create) a file: temp file + rename.
+    fn write(&self, name: &str, record: &SessionRecord, ttl: Duration) -> Result<(), StoreError> {
+        let mut tmp_name = String::from(TMP_PREFIX);
+        tmp_name.push_str(crate::session::SessionId::generate(12).as_str());
+        let tmp = self.path(&tmp_name);
+        let result = (|| {
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            let mut buf = Vec::with_capacity(HEADER + 256);
+            buf.extend_from_slice(MAGIC);
+            buf.extend_from_slice(&to_ms(SystemTime::now() + ttl).to_be_bytes());
+            buf.extend_from_slice(&record.to_stored());
+            file.write_all(&buf)?;
+            fs::rename(&tmp, self.path(name))
+        })();
+        if result.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        result.map_err(io_err)
+    }
+
+    fn remove(&self, name: &str) -> Result<bool, StoreError> {
+        match fs::remove_file(self.path(name)) {
+            Ok(()) => {
+                let _ = self
+                    .count
+                    .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |c| c.checked_sub(1));
+                Ok(true)
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(io_err(e)),
+        }
+    }
+
+    /// Expiry of a file from its header; `None` for unreadable files.
+    fn expiry_of(&self, name: &str) -> Option<u64> {
+        use std::io::Read;
+        let mut header = [0u8; HEADER];
+        let mut f = fs::File::open(self.path(name)).ok()?;
+        f.read_exact(&mut header).ok()?;
+        (&header[..4] == MAGIC)
+            .then(|| u64::from_be_bytes(header[4..12].try_into().expect("8 bytes")))
+    }
+
+    /// Remove expired (and corrupt) files and stale temp files.
+    fn purge(&self) -> Result<u64, StoreError> {
+        let now = to_ms(SystemTime::now());
+        let mut purged = 0;
+        for entry in fs::read_dir(&self.dir)
+            .map_err(io_err)?
+            .filter_map(Result::ok)
+        {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(TMP_PREFIX) {
+                // A temp file older than a minute belongs to a crashed write.
+                let stale = entry
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().unwrap_or_default() > Duration::from_secs(60));
+                if stale {
+                    let _ = fs::remove_file(entry.path());
+                }
+                continue;
+            }
+            if name.len() != 64 {
+                continue;
+            }
+            let _guard = self.stripe(&name);
+            if self.expiry_of(&name).is_none_or(|exp| exp <= now) && self.remove(&name)? {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    /// Keep the number of files under the threshold: expired files first,
+    /// then those closest to expiry.
+    fn enforce_threshold(&self) -> Result<(), StoreError> {
+        if self.threshold == 0 || self.count.load(Ordering::Relaxed) < self.threshold {
+            return Ok(());
+        }
+        self.purge()?;
+        let mut files: Vec<(u64, String)> = session_files(&self.dir)
+            .map_err(io_err)?
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .map(|n| (self.expiry_of(&n).unwrap_or(0), n))
+            .collect();
+        self.count.store(files.len(), Ordering::Relaxed);
+        if files.len() < self.threshold {
+            return Ok(());
+        }
+        files.sort_unstable();
+        let excess = files.len() + 1 - self.threshold;
+        for (_, name) in files.into_iter().take(excess) {
+            let _guard = self.stripe(&name);
+            self.remove(&name)?;
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl SessionStore for FilesystemStore {
+    fn kind(&self) -> &'static str {
+        "filesystem"
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
+        let name = file_name(key);
+        self.run(move |inner| inner.read(&name)).await
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let name = file_name(key);
+        let record = record.clone();
+        self.run(move |inner| {
+            inner.enforce_threshold()?;
+            let _guard = inner.stripe(&name);
+            let existed = inner.path(&name).exists();
+            if existed && inner.read(&name)?.is_some() {
+                return Ok(false);
+            }
+            inner.write(&name, &record, ttl)?;
+            if !existed {
+                inner.count.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(true)
+        })
+        .await
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        // `f` borrows from the caller, so it cannot move into a blocking
+        // task: read and write under the lock there, and run `f` here. The
+        // stripe lock is held across both via a dedicated blocking section.
+        let name = file_name(key);
+        let inner = self.inner.clone();
+        let current = {
+            let name = name.clone();
+            let inner = inner.clone();
+            tokio::task::spawn_blocking(move || {
+                let guard = inner.stripe(&name);
+                let loaded = inner.read(&name);
+                drop(guard);
+                loaded
+            })
+            .await
+            .map_err(|e| StoreError::backend(e.to_string()))??
+        };
+        // Optimistic: apply f, then write only if the file is unchanged.
+        let Some(loaded) = current else {
+            return Ok(UpdateOutcome::Missing);
+        };
+        let mut base = loaded;
+        for _ in 0..16 {
+            let decision = f(base.record.clone()).map_err(StoreError::Rejected)?;
+            let name2 = name.clone();
+            let inner2 = inner.clone();
+            let expected = base.clone();
+            let result = tokio::task::spawn_blocking(
+                move || -> Result<Result<UpdateOutcome, Option<Loaded>>, StoreError> {
+                    let _guard = inner2.stripe(&name2);
+                    match inner2.read(&name2)? {
+                        None => Ok(Ok(UpdateOutcome::Missing)),
+                        Some(now) if now != expected => Ok(Err(Some(now))),
+                        Some(_) => match decision {
+                            Update::Write(record) => {
+                                inner2.write(&name2, &record, ttl)?;
+                                Ok(Ok(UpdateOutcome::Written(record)))
+                            }
+                            Update::Delete => {
+                                inner2.remove(&name2)?;
+                                Ok(Ok(UpdateOutcome::Deleted))
+                            }
+                        },
+                    }
+                },
+            )
+            .await
+            .map_err(|e| StoreError::backend(e.to_string()))??;
+            match result {
+                Ok(outcome) => return Ok(outcome),
+                Err(Some(newer)) => base = newer,
+                Err(None) => return Ok(UpdateOutcome::Missing),
+            }
+        }
+        Err(StoreError::backend(
+            "filesystem: too much contention on one session",
+        ))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let name = file_name(key);
+        self.run(move |inner| {
+            let _guard = inner.stripe(&name);
+            inner.remove(&name).map(|_| ())
+        })
+        .await
+    }
+
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let name = file_name(key);
+        self.run(move |inner| {
+            let _guard = inner.stripe(&name);
+            match inner.read(&name)? {
+                Some(loaded) => inner.write(&name, &loaded.record, ttl).map(|_| true),
+                None => Ok(false),
+            }
+        })
+        .await
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.run(|inner| inner.purge()).await
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        self.run(|inner| {
+            let probe = inner.dir.join(".write-check");
+            fs::write(&probe, b"ok")
+                .and_then(|_| fs::remove_file(&probe))
+                .map_err(|e| {
+                    StoreError::backend(format!(
+                        "directory {} is not writable: {e}",
+                        inner.dir.display()
+                    ))
+                })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[tokio::test]
+    async fn files_are_private_and_named_by_hash() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(dir.path(), 0).unwrap();
+        assert!(store
+            .create(
+                "session:../../etc/x",
+                &SessionRecord::new(true),
+                Duration::from_secs(60)
+            )
+            .await
+            .unwrap());
+        let entries: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap())
+            .collect();
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].file_name().len(), 64);
+        let mode = entries[0].metadata().unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    #[tokio::test]
+    async fn threshold_caps_the_number_of_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(dir.path(), 5).unwrap();
+        for i in 0..20 {
+            let ttl = Duration::from_secs(100 + i);
+            assert!(store
+                .create(&format!("k{i}"), &SessionRecord::new(true), ttl)
+                .await
+                .unwrap());
+        }
+        let n = session_files(dir.path()).unwrap().count();
+        assert!(n <= 5, "{n} files");
+        // The newest (longest-lived) session survived.
+        assert!(store.load("k19").await.unwrap().is_some());
+    }
+
+    #[tokio::test]
+    async fn corrupt_file_reads_as_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = FilesystemStore::open(dir.path(), 0).unwrap();
+        fs::write(dir.path().join(file_name("k")), b"garbage").unwrap();
+        assert_eq!(store.load("k").await.unwrap(), None);
+        assert_eq!(store.purge_expired().await.unwrap(), 1);
+    }
+}
