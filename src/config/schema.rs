@@ -33,10 +33,13 @@ pub fn deserialize_at<T: DeserializeOwned>(value: Value, prefix: &str) -> Result
         ] {
             if let Some(rest) = msg.strip_prefix(marker) {
                 if let Some((field, tail)) = rest.split_once('`') {
-                    if !key.is_empty() {
-                        key.push('.');
+                    let last = key.rsplit(['.', '[']).next().unwrap_or("");
+                    if last != field {
+                        if !key.is_empty() {
+                            key.push('.');
+                        }
+                        key.push_str(field);
                     }
-                    key.push_str(field);
                     let tail = tail.trim_start_matches(',').trim();
                     let tail = tail.replace("expected one of", "known keys:");
                     let message = if tail.is_empty() || marker.starts_with("missing") {

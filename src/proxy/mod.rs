@@ -225,28 +225,29 @@ impl ProxyHttp for SessionProxy {
         for name in forged {
             upstream_request.remove_header(&name);
         }
+        // The upstream gets the data, never the id: the session cookie is
+        // removed on every path, excluded ones included (no verification or
+        // store access happens there, only this removal).
+        if upstream_request.headers.contains_key(http::header::COOKIE) {
+            let kept = cookies::without(
+                upstream_request
+                    .headers
+                    .get_all(http::header::COOKIE)
+                    .iter()
+                    .map(|v| v.as_bytes()),
+                &self.engine.cookie.name,
+            );
+            upstream_request.remove_header(&http::header::COOKIE);
+            if let Some(kept) = kept {
+                upstream_request.insert_header(http::header::COOKIE, kept)?;
+            }
+        }
         let state = ctx.state.as_ref();
-        if !matches!(state, Some(SessionState::Excluded)) {
-            if upstream_request.headers.contains_key(http::header::COOKIE) {
-                let kept = cookies::without(
-                    upstream_request
-                        .headers
-                        .get_all(http::header::COOKIE)
-                        .iter()
-                        .map(|v| v.as_bytes()),
-                    &self.engine.cookie.name,
-                );
-                upstream_request.remove_header(&http::header::COOKIE);
-                if let Some(kept) = kept {
-                    upstream_request.insert_header(http::header::COOKIE, kept)?;
-                }
-            }
-            if let Some(value) = state.and_then(|s| s.header_value()) {
-                upstream_request.insert_header(names.data.clone(), value)?;
-            }
-            if matches!(state, Some(SessionState::Unavailable)) {
-                upstream_request.insert_header(names.error.clone(), "store-unavailable")?;
-            }
+        if let Some(value) = state.and_then(|s| s.header_value()) {
+            upstream_request.insert_header(names.data.clone(), value)?;
+        }
+        if matches!(state, Some(SessionState::Unavailable)) {
+            upstream_request.insert_header(names.error.clone(), "store-unavailable")?;
         }
         if !upstream_request.headers.contains_key("x-request-id") {
             upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;

@@ -6,8 +6,9 @@
 //!   stored record; files are mode 0600, the directory 0700.
 //! - Every write goes to a temp file in the same directory and is renamed
 //!   over the target, so a reader sees the old or the new file, never half.
-//! - Writers of one key serialize on a lock stripe chosen by the file name,
-//!   which makes `update` atomic within one gateway process. Several gateway
+//! - Writers of one key serialize on an async lock stripe chosen by the file
+//!   name, held across read-modify-write, which makes `update` atomic within
+//!   one gateway process. Several gateway
 //!   processes sharing one directory are not supported (use Redis or SQL).
 //! - Expiry is checked on every read; `purge_expired` removes stale files,
 //!   and `threshold` caps the number of files like FileSystemCache does.
@@ -22,8 +23,9 @@ use std::io::{self, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{Mutex, MutexGuard};
 
 const MAGIC: &[u8; 4] = b"SGW1";
 const HEADER: usize = 12;
@@ -105,9 +107,14 @@ impl Inner {
         self.dir.join(name)
     }
 
-    fn stripe(&self, name: &str) -> std::sync::MutexGuard<'_, ()> {
+    fn stripe_of(&self, name: &str) -> &Mutex<()> {
         let idx = usize::from_str_radix(&name[..2], 16).unwrap_or(0) % STRIPES;
-        self.stripes[idx].lock().unwrap_or_else(|p| p.into_inner())
+        &self.stripes[idx]
+    }
+
+    /// Lock a stripe from blocking code (purge, threshold).
+    fn stripe(&self, name: &str) -> MutexGuard<'_, ()> {
+        self.stripe_of(name).blocking_lock()
     }
 
     /// Read a file: `Ok(None)` if absent, expired or corrupt.
@@ -258,9 +265,9 @@ impl SessionStore for FilesystemStore {
     ) -> Result<bool, StoreError> {
         let name = file_name(key);
         let record = record.clone();
+        self.run(|inner| inner.enforce_threshold()).await?;
+        let _guard = self.inner.stripe_of(&name).lock().await;
         self.run(move |inner| {
-            inner.enforce_threshold()?;
-            let _guard = inner.stripe(&name);
             let existed = inner.path(&name).exists();
             if existed && inner.read(&name)?.is_some() {
                 return Ok(false);
@@ -280,82 +287,44 @@ impl SessionStore for FilesystemStore {
         ttl: Duration,
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
-        // `f` borrows from the caller, so it cannot move into a blocking
-        // task: read and write under the lock there, and run `f` here. The
-        // stripe lock is held across both via a dedicated blocking section.
         let name = file_name(key);
-        let inner = self.inner.clone();
+        // Held across read, `f` and write: no other writer of this key can
+        // interleave. `f` borrows from the caller, so it runs here, between
+        // two blocking sections.
+        let _guard = self.inner.stripe_of(&name).lock().await;
         let current = {
             let name = name.clone();
-            let inner = inner.clone();
-            tokio::task::spawn_blocking(move || {
-                let guard = inner.stripe(&name);
-                let loaded = inner.read(&name);
-                drop(guard);
-                loaded
-            })
-            .await
-            .map_err(|e| StoreError::backend(e.to_string()))??
+            self.run(move |inner| inner.read(&name)).await?
         };
-        // Optimistic: apply f, then write only if the file is unchanged.
         let Some(loaded) = current else {
             return Ok(UpdateOutcome::Missing);
         };
-        let mut base = loaded;
-        for _ in 0..16 {
-            let decision = f(base.record.clone()).map_err(StoreError::Rejected)?;
-            let name2 = name.clone();
-            let inner2 = inner.clone();
-            let expected = base.clone();
-            let result = tokio::task::spawn_blocking(
-                move || -> Result<Result<UpdateOutcome, Option<Loaded>>, StoreError> {
-                    let _guard = inner2.stripe(&name2);
-                    match inner2.read(&name2)? {
-                        None => Ok(Ok(UpdateOutcome::Missing)),
-                        Some(now) if now != expected => Ok(Err(Some(now))),
-                        Some(_) => match decision {
-                            Update::Write(record) => {
-                                inner2.write(&name2, &record, ttl)?;
-                                Ok(Ok(UpdateOutcome::Written(record)))
-                            }
-                            Update::Delete => {
-                                inner2.remove(&name2)?;
-                                Ok(Ok(UpdateOutcome::Deleted))
-                            }
-                        },
-                    }
-                },
-            )
-            .await
-            .map_err(|e| StoreError::backend(e.to_string()))??;
-            match result {
-                Ok(outcome) => return Ok(outcome),
-                Err(Some(newer)) => base = newer,
-                Err(None) => return Ok(UpdateOutcome::Missing),
+        match f(loaded.record).map_err(StoreError::Rejected)? {
+            Update::Write(record) => {
+                let written = record.clone();
+                self.run(move |inner| inner.write(&name, &record, ttl))
+                    .await?;
+                Ok(UpdateOutcome::Written(written))
+            }
+            Update::Delete => {
+                self.run(move |inner| inner.remove(&name)).await?;
+                Ok(UpdateOutcome::Deleted)
             }
         }
-        Err(StoreError::backend(
-            "filesystem: too much contention on one session",
-        ))
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let name = file_name(key);
-        self.run(move |inner| {
-            let _guard = inner.stripe(&name);
-            inner.remove(&name).map(|_| ())
-        })
-        .await
+        let _guard = self.inner.stripe_of(&name).lock().await;
+        self.run(move |inner| inner.remove(&name).map(|_| ())).await
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let name = file_name(key);
-        self.run(move |inner| {
-            let _guard = inner.stripe(&name);
-            match inner.read(&name)? {
-                Some(loaded) => inner.write(&name, &loaded.record, ttl).map(|_| true),
-                None => Ok(false),
-            }
+        let _guard = self.inner.stripe_of(&name).lock().await;
+        self.run(move |inner| match inner.read(&name)? {
+            Some(loaded) => inner.write(&name, &loaded.record, ttl).map(|_| true),
+            None => Ok(false),
         })
         .await
     }

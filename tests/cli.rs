@@ -1,0 +1,214 @@
+//! The command line: `--test`/`check` on good and bad configs (every error
+//! names its YAML key, in one line), and the embedded default config.
+
+mod common;
+
+use common::gateway::{run_cli, KEY_A};
+use std::os::unix::fs::PermissionsExt;
+
+fn check(yaml: &str) -> (i32, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    run_cli(&["-c", path.to_str().unwrap(), "--test"], dir.path())
+}
+
+fn base(extra: &str) -> String {
+    format!(
+        "listen: 127.0.0.1:6188\nupstream: 127.0.0.1:8000\nsecret_keys: [\"{KEY_A}\"]\nstore: {{type: memory}}\n{extra}"
+    )
+}
+
+#[test]
+fn valid_config_passes_and_describes_itself() {
+    let (code, out, err) = check(&base("session: {same_site_is_not_here: 1}").replace(
+        "session: {same_site_is_not_here: 1}",
+        "cookie: {same_site: STRICT}",
+    ));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("configuration OK"), "{out}");
+    assert!(out.contains("127.0.0.1:8000"), "{out}");
+    assert!(out.contains("memory"), "{out}");
+    assert!(out.contains("Strict"), "{out}");
+}
+
+#[test]
+fn check_subcommand_is_the_same_as_test_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    std::fs::write(&path, base("")).unwrap();
+    let (code, out, _) = run_cli(&["-c", path.to_str().unwrap(), "check"], dir.path());
+    assert_eq!(code, 0);
+    assert!(out.contains("configuration OK"));
+}
+
+#[test]
+fn every_config_error_names_its_key() {
+    let cases: Vec<(String, &str)> = vec![
+        (base("").replace(KEY_A, "short"), "secret_keys[0]"),
+        (base("bogus: 1"), "bogus"),
+        (base("cookie: {nmae: x}"), "cookie.nmae"),
+        (base("session: {lifetime: [1]}"), "session.lifetime"),
+        (base("session: {lifetime: 10parsecs}"), "session.lifetime"),
+        (base("session: {max_bytes: lots}"), "session.max_bytes"),
+        (
+            base("").replace("upstream: 127.0.0.1:8000\n", ""),
+            "upstream",
+        ),
+        (
+            base("").replace("{type: memory}", "{type: cassandra}"),
+            "store.type",
+        ),
+        (
+            base("").replace("{type: memory}", "{dir: /tmp}"),
+            "store.type",
+        ),
+        (
+            base("").replace("{type: memory}", "{type: memory, colour: blue}"),
+            "store.colour",
+        ),
+        (base("cookie: {same_site: sideways}"), "cookie.same_site"),
+        (base("cookie: {same_site: none}"), "cookie.same_site"),
+        (
+            base("session: {on_store_error: shrug}"),
+            "session.on_store_error",
+        ),
+        (base("session: {exclude: [static]}"), "session.exclude[0]"),
+        (base("session: {id_bytes: 4}"), "session.id_bytes"),
+        (
+            base("").replace("127.0.0.1:6188", "not-an-address"),
+            "listen",
+        ),
+        (
+            base("").replace(&format!("\"{KEY_A}\""), "\"${SGW_SURELY_UNSET_VAR}\""),
+            "secret_keys[0]",
+        ),
+        (
+            base("").replace(&format!("[\"{KEY_A}\"]"), "[]"),
+            "secret_keys",
+        ),
+        (base("server: {threads: 0}"), "server.threads"),
+        (base("log_level: loud"), "log_level"),
+        (
+            base("").replace("{type: memory}", "{type: filesystem, dir: /proc/version/x}"),
+            "store.dir",
+        ),
+    ];
+    for (yaml, key) in cases {
+        let (code, out, err) = check(&yaml);
+        assert_ne!(code, 0, "accepted:\n{yaml}\n{out}");
+        let line = err.trim();
+        assert_eq!(line.lines().count(), 1, "expected one line, got:\n{err}");
+        assert!(
+            line.starts_with(&format!("error: {key}:")),
+            "error for {key} should name it first; got: {line}\n---\n{yaml}"
+        );
+    }
+}
+
+#[test]
+fn environment_variables_fill_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    std::fs::write(
+        &path,
+        base("").replace(&format!("\"{KEY_A}\""), "\"${SGW_TEST_SECRET}\""),
+    )
+    .unwrap();
+    let out = std::process::Command::new(common::gateway::binary())
+        .args(["-c", path.to_str().unwrap(), "--test"])
+        .env("SGW_TEST_SECRET", KEY_A)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn embedded_default_config_generates_and_reuses_a_private_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_cli(&["--test"], dir.path());
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("filesystem"), "{out}");
+    let key_file = dir.path().join("session-gateway.key");
+    let key = std::fs::read_to_string(&key_file).unwrap();
+    assert!(key.trim().len() >= 32);
+    assert_eq!(
+        std::fs::metadata(&key_file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let (code, _, _) = run_cli(&["--test"], dir.path());
+    assert_eq!(code, 0);
+    assert_eq!(
+        std::fs::read_to_string(&key_file).unwrap(),
+        key,
+        "the key must be reused"
+    );
+    // Each installation gets its own key.
+    let other = tempfile::tempdir().unwrap();
+    run_cli(&["--test"], other.path());
+    assert_ne!(
+        std::fs::read_to_string(other.path().join("session-gateway.key")).unwrap(),
+        key
+    );
+}
+
+#[test]
+fn shipped_configs_are_valid() {
+    // conf/*.yaml that need no external server; store-specific ones are
+    // checked by their store's test binary against a real server.
+    let root = env!("CARGO_MANIFEST_DIR");
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out, err) = run_cli(
+        &["-c", &format!("{root}/conf/gateway.yaml"), "--test"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+}
+
+#[test]
+fn demo_mode_serves_a_visit_counter() {
+    let dir = tempfile::tempdir().unwrap();
+    let gw_port = common::free_port();
+    let app_port = common::free_port();
+    let yaml = format!(
+        "listen: 127.0.0.1:{gw_port}\nupstream: 127.0.0.1:{app_port}\nsecret_keys: [\"{KEY_A}\"]\nstore: {{type: memory}}\n"
+    );
+    let path = dir.path().join("g.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = std::process::Command::new(common::gateway::binary())
+        .args(["-c", path.to_str().unwrap(), "--demo"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let result = rt.block_on(async {
+        let jar = std::sync::Arc::new(reqwest::cookie::Jar::default());
+        let client = reqwest::Client::builder()
+            .cookie_provider(jar)
+            .build()
+            .unwrap();
+        let url = format!("http://127.0.0.1:{gw_port}/");
+        for _ in 0..200 {
+            if client.get(&url).send().await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
+        let mut texts = Vec::new();
+        for _ in 0..2 {
+            texts.push(client.get(&url).send().await.unwrap().text().await.unwrap());
+        }
+        texts
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        result[1].contains("visited 3 time(s)") || result[1].contains("visited 2 time(s)"),
+        "{result:?}"
+    );
+    assert!(result[1].contains("\"visits\""), "{result:?}");
+}

@@ -1,0 +1,220 @@
+//! The real `session-gateway` binary, started on a free port with a
+//! generated config, stopped (SIGKILL) on drop. Its stderr goes to a log
+//! file that tests can read.
+
+use serde_yaml::{Mapping, Value};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const KEY_A: &str = "test-secret-key-a-0123456789abcdef0123456789";
+pub const KEY_B: &str = "test-secret-key-b-0123456789abcdef0123456789";
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_session-gateway")
+}
+
+#[derive(Clone)]
+pub struct GatewayBuilder {
+    config: Mapping,
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml::from_str(text).expect("test YAML parses")
+}
+
+impl GatewayBuilder {
+    /// A gateway in front of `upstream_port` with `store_yaml` as its
+    /// `store:` section and test-friendly defaults.
+    pub fn new(upstream_port: u16, store_yaml: &str) -> Self {
+        let mut config = Mapping::new();
+        config.insert("listen".into(), Value::Null);
+        config.insert(
+            "upstream".into(),
+            format!("127.0.0.1:{upstream_port}").into(),
+        );
+        config.insert("secret_keys".into(), yaml(&format!("[\"{KEY_A}\"]")));
+        config.insert("store".into(), yaml(store_yaml));
+        config.insert("server".into(), yaml("{threads: 2, grace_period: 10s}"));
+        config.insert("log_level".into(), "debug".into());
+        GatewayBuilder { config }
+    }
+
+    /// Set a top-level key to a YAML value.
+    pub fn set(mut self, key: &str, value_yaml: &str) -> Self {
+        self.config.insert(key.into(), yaml(value_yaml));
+        self
+    }
+
+    /// Set `section.key` (e.g. `session`, `refresh_each_request`, `false`).
+    pub fn section(mut self, section: &str, key: &str, value_yaml: &str) -> Self {
+        let entry = self
+            .config
+            .entry(section.into())
+            .or_insert_with(|| Value::Mapping(Mapping::new()));
+        if !entry.is_mapping() {
+            *entry = Value::Mapping(Mapping::new());
+        }
+        entry
+            .as_mapping_mut()
+            .unwrap()
+            .insert(key.into(), yaml(value_yaml));
+        self
+    }
+
+    pub fn session(self, key: &str, value_yaml: &str) -> Self {
+        self.section("session", key, value_yaml)
+    }
+
+    pub fn cookie(self, key: &str, value_yaml: &str) -> Self {
+        self.section("cookie", key, value_yaml)
+    }
+
+    pub fn keys(self, keys: &[&str]) -> Self {
+        let list: Vec<Value> = keys.iter().map(|k| Value::String(k.to_string())).collect();
+        let mut s = self;
+        s.config.insert("secret_keys".into(), Value::Sequence(list));
+        s
+    }
+
+    /// Write the config and start the gateway; waits until it accepts
+    /// connections and panics with its log if it does not come up.
+    pub fn start(&self) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = super::free_port();
+        let mut config = self.config.clone();
+        config.insert("listen".into(), format!("127.0.0.1:{port}").into());
+        let config_path = dir.path().join("gateway.yaml");
+        std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
+        let mut gw = Gateway {
+            port,
+            dir,
+            config_path,
+            child: None,
+            builder: self.clone(),
+        };
+        gw.spawn();
+        gw
+    }
+}
+
+pub struct Gateway {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    pub config_path: PathBuf,
+    child: Option<Child>,
+    builder: GatewayBuilder,
+}
+
+impl Gateway {
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("gateway.log")
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let child = Command::new(binary())
+            .arg("-c")
+            .arg(&self.config_path)
+            .current_dir(self.dir.path())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start session-gateway");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("gateway exited with {status} at start:\n{}", self.log());
+            }
+            if Instant::now() > deadline {
+                panic!("gateway did not listen within 20s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the gateway logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("running").id() as i32
+    }
+
+    /// SIGTERM and wait for the process to exit; returns its exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        unsafe {
+            libc::kill(child.id() as i32, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "gateway did not exit within 30s of SIGTERM:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Stop (SIGTERM) and start again on the same port, config and dir.
+    pub fn restart(&mut self) {
+        self.terminate();
+        self.spawn();
+    }
+
+    pub fn builder(&self) -> &GatewayBuilder {
+        &self.builder
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Run the binary with arguments (for `--test`, `cleanup`), returning
+/// (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    let out = Command::new(binary())
+        .args(args)
+        .current_dir(cwd)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run session-gateway");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
