@@ -273,7 +273,7 @@ macro_rules! store_contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
                     let (store, _guard) = super::$make().await;
-                    crate::common::contract::$name(store).await;
+                    $crate::common::contract::$name(store).await;
                 }
             )*
         }

@@ -912,7 +912,7 @@ macro_rules! protocol_suite {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    crate::common::protocol::$name(super::$make().await).await;
+                    $crate::common::protocol::$name(super::$make().await).await;
                 }
             )*
         }
@@ -961,11 +961,11 @@ macro_rules! persistence_suite {
         mod persistence_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn sessions_survive_restart() {
-                crate::common::protocol::sessions_survive_restart(super::$make().await).await;
+                $crate::common::protocol::sessions_survive_restart(super::$make().await).await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn key_rotation() {
-                crate::common::protocol::key_rotation(super::$make().await).await;
+                $crate::common::protocol::key_rotation(super::$make().await).await;
             }
         }
     };

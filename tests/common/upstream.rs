@@ -4,6 +4,7 @@
 //!   (so `x-reply-x-session-patch: {...}` makes the app send a patch);
 //! - `x-reply-status: 500` -> that status;
 //! - `x-delay-ms: 200` -> answer after that long.
+//!
 //! The response body is `{"session": <X-Session as JSON or null>,
 //! "headers": {name: value}, "path": "..."}`.
 
