@@ -493,3 +493,106 @@ impl SessionEngine {
         since_extended >= self.session.expiry_update_interval
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    const YAML: &str = r#"
+listen: 127.0.0.1:1
+upstream: 127.0.0.1:2
+secret_keys: ["0123456789abcdef0123456789abcdef-unit"]
+session: {lifetime: 100, expiry_update_interval: 10}
+store: {type: memory}
+"#;
+
+    fn engine() -> SessionEngine {
+        let config = Config::from_yaml(YAML).unwrap();
+        let store = StoreHandle::new(config.store.backend.clone()).unwrap();
+        SessionEngine::new(&config, store)
+    }
+
+    fn raw(headers: &[(&str, &str)]) -> RawDirectives {
+        let e = engine();
+        let mut r = RawDirectives::default();
+        for (n, v) in headers {
+            r.offer(n, v.as_bytes(), &e.session.headers);
+        }
+        r
+    }
+
+    #[test]
+    fn touch_is_throttled_by_the_interval() {
+        let e = engine();
+        let now = SystemTime::now();
+        // Extended 5s ago (95s left): within the 10s interval.
+        assert!(!e.needs_touch(now + Duration::from_secs(95)));
+        // Extended 20s ago.
+        assert!(e.needs_touch(now + Duration::from_secs(80)));
+    }
+
+    #[tokio::test]
+    async fn fresh_session_is_lazy_and_created_on_first_write() {
+        let e = engine();
+        let state = e.load(false, Found::Absent, "t").await.unwrap();
+        assert_eq!(state.header_value().as_deref(), Some("{}"));
+        let nothing = e.commit(&state, &raw(&[]), "t").await.unwrap();
+        assert_eq!(nothing, CommitResult::default());
+        let created = e
+            .commit(&state, &raw(&[("x-session-patch", r#"{"a":1}"#)]), "t")
+            .await
+            .unwrap();
+        let cookie = created.set_cookie.unwrap();
+        let value = cookie
+            .split(';')
+            .next()
+            .unwrap()
+            .strip_prefix("session=")
+            .unwrap();
+        let state = e
+            .load(false, Found::One(value.to_string()), "t")
+            .await
+            .unwrap();
+        assert_eq!(state.header_value().as_deref(), Some(r#"{"a":1}"#));
+    }
+
+    #[tokio::test]
+    async fn excluded_and_null_paths() {
+        let e = engine();
+        let state = e.load(true, Found::One("x".into()), "t").await.unwrap();
+        assert!(matches!(state, SessionState::Excluded));
+        assert_eq!(state.header_value(), None);
+        // Updates on excluded paths are ignored, not errors.
+        let r = e
+            .commit(&state, &raw(&[("x-session", "garbage")]), "t")
+            .await
+            .unwrap();
+        assert_eq!(r, CommitResult::default());
+    }
+
+    #[tokio::test]
+    async fn bad_directives_are_502_and_fresh_destroy_only_expires_a_presented_cookie() {
+        let e = engine();
+        let state = e.load(false, Found::Absent, "t").await.unwrap();
+        let err = e
+            .commit(&state, &raw(&[("x-session", "[]")]), "t")
+            .await
+            .unwrap_err();
+        assert_eq!(err.status, 502);
+        let r = e
+            .commit(&state, &raw(&[("x-session-action", "destroy")]), "t")
+            .await
+            .unwrap();
+        assert_eq!(r.set_cookie, None);
+        let with_cookie = e
+            .load(false, Found::One("bogus".into()), "t")
+            .await
+            .unwrap();
+        let r = e
+            .commit(&with_cookie, &raw(&[("x-session-action", "destroy")]), "t")
+            .await
+            .unwrap();
+        assert!(r.set_cookie.unwrap().contains("Max-Age=0"));
+    }
+}
