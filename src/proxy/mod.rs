@@ -135,7 +135,7 @@ fn make_private(resp: &mut ResponseHeader) -> Result<()> {
         l != "public" && !l.starts_with("s-maxage")
     });
     directives.push("private".into());
-    resp.insert_header(http::header::CACHE_CONTROL, directives.join(", "))?;
+    resp.insert_header("Cache-Control", directives.join(", "))?;
     Ok(())
 }
 
@@ -146,7 +146,7 @@ fn add_vary_cookie(resp: &mut ResponseHeader) -> Result<()> {
             .any(|t| t.trim().eq_ignore_ascii_case("cookie") || t.trim() == "*")
     });
     if !already {
-        resp.append_header(http::header::VARY, "Cookie")?;
+        resp.append_header("Vary", "Cookie")?;
     }
     Ok(())
 }
@@ -284,7 +284,7 @@ impl ProxyHttp for SessionProxy {
         match self.engine.commit(state, &raw, &ctx.request_id).await {
             Ok(result) => {
                 if let Some(cookie) = result.set_cookie {
-                    resp.append_header(http::header::SET_COOKIE, cookie)?;
+                    resp.append_header("Set-Cookie", cookie)?;
                     make_private(resp)?;
                 }
                 if result.vary_cookie {
