@@ -139,6 +139,34 @@ fn make_private(resp: &mut ResponseHeader) -> Result<()> {
     Ok(())
 }
 
+/// The gateway owns the session cookie: a `Set-Cookie` for the same name
+/// from the app would fight it, so it is dropped (other cookies pass).
+fn strip_app_session_cookie(resp: &mut ResponseHeader, name: &str, request_id: &str) -> Result<()> {
+    let values: Vec<http::HeaderValue> = resp
+        .headers
+        .get_all(http::header::SET_COOKIE)
+        .iter()
+        .cloned()
+        .collect();
+    let ours = |v: &http::HeaderValue| {
+        let bytes = v.as_bytes();
+        let end = bytes.iter().position(|&b| b == b'=').unwrap_or(bytes.len());
+        bytes[..end].trim_ascii() == name.as_bytes()
+    };
+    if !values.iter().any(ours) {
+        return Ok(());
+    }
+    tracing::warn!(
+        request_id,
+        "upstream tried to set the session cookie `{name}`; dropped"
+    );
+    resp.remove_header(&http::header::SET_COOKIE);
+    for v in values.into_iter().filter(|v| !ours(v)) {
+        resp.append_header("Set-Cookie", v)?;
+    }
+    Ok(())
+}
+
 fn add_vary_cookie(resp: &mut ResponseHeader) -> Result<()> {
     let already = resp.headers.get_all(http::header::VARY).iter().any(|v| {
         String::from_utf8_lossy(v.as_bytes())
@@ -273,6 +301,7 @@ impl ProxyHttp for SessionProxy {
         for name in &protocol_names {
             resp.remove_header(name);
         }
+        strip_app_session_cookie(resp, &self.engine.cookie.name, &ctx.request_id)?;
         // Interim (1xx) responses carry no session; the final one does.
         if ctx.committed || (resp.status.is_informational() && resp.status != 101) {
             return Ok(());

@@ -558,10 +558,15 @@ pub async fn response_protocol_headers_never_leak(fx: StoreFixture) {
                     ("x-reply-x-session-action", "permanent"),
                     ("x-reply-x-session-debug", "leak"),
                     ("x-reply-x_session", r#"{"b":1}"#),
+                    ("x-reply-set-cookie", "session=forged-by-app; Path=/"),
                 ],
             )
             .await;
         assert_eq!(r.status, 200, "{path}: {}", r.text);
+        assert!(
+            r.set_cookies().iter().all(|c| !c.contains("forged-by-app")),
+            "{path}: the app's Set-Cookie for the session cookie reached the client"
+        );
         for (name, _) in r.headers.iter() {
             assert!(
                 !name.as_str().replace('_', "-").starts_with("x-session"),
@@ -784,6 +789,26 @@ pub async fn destroyed_session_is_not_revived(fx: StoreFixture) {
     assert_eq!(after.session(), json!({}), "destroyed session revived");
 }
 
+pub async fn app_cookies_pass_through(fx: StoreFixture) {
+    let s = setup(fx, |b| b).await;
+    let b = Browser::new(&s.gw);
+    let r = b
+        .get(
+            "/",
+            &[
+                ("x-reply-x-session-patch", r#"{"a":1}"#),
+                ("x-reply-set-cookie", "theme=dark; Path=/"),
+            ],
+        )
+        .await;
+    let cookies = r.set_cookies();
+    assert!(
+        cookies.iter().any(|c| c.starts_with("theme=dark")),
+        "{cookies:?}"
+    );
+    assert!(r.session_cookie().is_some(), "{cookies:?}");
+}
+
 pub async fn cache_headers(fx: StoreFixture) {
     let s = setup(fx, |b| b).await;
     let b = Browser::new(&s.gw);
@@ -946,6 +971,7 @@ macro_rules! protocol_suite {
             non_ascii_data_is_escaped,
             concurrent_patches_lose_nothing,
             destroyed_session_is_not_revived,
+            app_cookies_pass_through,
             cache_headers,
             request_id_forwarded,
             graceful_shutdown_finishes_in_flight,
