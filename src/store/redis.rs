@@ -1,33 +1,589 @@
-//! `store.type: redis` (placeholder until the Redis store lands).
+//! `store.type: redis`: sessions in Redis (standalone or Redis Cluster),
+//! shared by any number of gateways.
+//!
+//! - One key per session, `key_prefix + id` (the engine builds it), holding
+//!   [`SessionRecord::to_stored`]; expiry is the key's own TTL (`SET .. PX`,
+//!   `PEXPIRE`), so nothing ever needs purging.
+//! - `load` reads the value and its PTTL in one small Lua script, so the
+//!   expiry the engine throttles refreshes on comes from the server.
+//! - `update` is optimistic: GET, apply the update function in Rust, then a
+//!   compare-and-set script writes (or deletes) only if the value is still
+//!   the one read; on a conflict it reads again. Every script touches one
+//!   key, so all of this works unchanged on Redis Cluster.
+//! - Connections are multiplexed and reconnect by themselves
+//!   ([`ConnectionManager`] standalone, [`ClusterConnection`] on a
+//!   cluster); a failed first connection is an error the store handle does
+//!   not cache, so the gateway recovers once Redis is back.
 
-use crate::config::ConfigError;
-use crate::session::StoreError;
-use serde_yaml::Value;
+use crate::config::{deserialize_at, ConfigError};
+use crate::session::{
+    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
+};
+use async_trait::async_trait;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, Value};
+use serde::Deserialize;
+use serde_yaml::Value as Yaml;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::time::{Duration, SystemTime};
 
-#[derive(Clone, Debug)]
-pub struct RedisConfig {}
+/// Bound on establishing one connection (TCP, TLS, AUTH, SELECT). The
+/// engine's `store.timeout` is usually shorter and wins on the request
+/// path; this one keeps `--test` and background work from hanging on a
+/// server that accepts connections but never answers.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on one command's reply, for the same reason.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+/// Compare-and-set rounds before `update` gives up. Each lost round means
+/// another writer of the same session won, so this is only reached under
+/// sustained contention on one session.
+const MAX_CAS_ATTEMPTS: u32 = 200;
 
-impl RedisConfig {
-    pub fn parse(_rest: Value) -> Result<Self, ConfigError> {
-        Err(ConfigError::new(
-            "store.type",
-            "the redis store is not implemented yet",
-        ))
-    }
-    pub fn primary_key(&self) -> &'static str {
-        "store.url"
-    }
-    pub fn describe(&self) -> String {
-        "redis".into()
+/// `{value, pttl}` of a key, or nil if it does not exist. One script so the
+/// two can never disagree about whether the key exists.
+const LOAD_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then return false end
+return {v, redis.call('PTTL', KEYS[1])}
+"#;
+
+/// Compare-and-set: if the key still holds ARGV[1], either SET it to
+/// ARGV[3] with a TTL of ARGV[4] ms (ARGV[2] = 'set') or DEL it
+/// (ARGV[2] = 'del'). Returns 1 if it acted, 0 if the value changed or the
+/// key is gone.
+const CAS_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] == 'del' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+return 1
+"#;
+
+// ------------------------------------------------------------------ config
+
+/// The Redis-specific keys of `store:` (`timeout`, `retries` and
+/// `cleanup_interval` are common to every store and parsed elsewhere).
+#[derive(Clone)]
+pub struct RedisConfig {
+    target: Target,
+}
+
+#[derive(Clone)]
+enum Target {
+    /// `url:` one server (or a proxy in front of several).
+    Single { url: String, shown: String },
+    /// `cluster:` seed nodes of a Redis Cluster; the rest is discovered.
+    Cluster {
+        urls: Vec<String>,
+        shown: Vec<String>,
+    },
+}
+
+/// The YAML as written; `url` and `cluster` are checked for exclusivity
+/// after parsing so the error can name both.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    cluster: Option<Vec<String>>,
+}
+
+/// Manual so that a `{:?}` of the config never prints a password.
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Target::Single { shown, .. } => {
+                f.debug_struct("RedisConfig").field("url", shown).finish()
+            }
+            Target::Cluster { shown, .. } => f
+                .debug_struct("RedisConfig")
+                .field("cluster", shown)
+                .finish(),
+        }
     }
 }
 
-pub struct RedisStore;
+impl RedisConfig {
+    /// Parse the keys of `store:` other than `type` and the common ones:
+    /// exactly one of `url` and `cluster`.
+    pub fn parse(rest: Yaml) -> Result<Self, ConfigError> {
+        let raw: RawConfig = deserialize_at(rest, "store")?;
+        let target = match (raw.url, raw.cluster) {
+            (Some(_), Some(_)) => {
+                return Err(ConfigError::new(
+                    "store.cluster",
+                    "give either `url` (one server) or `cluster` (Redis Cluster nodes), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(ConfigError::new(
+                    "store.url",
+                    "required key is missing (e.g. `url: redis://127.0.0.1:6379/0`, or `cluster: [...]` for Redis Cluster)",
+                ))
+            }
+            (Some(url), None) => {
+                let (shown, _) = check_url("store.url", &url)?;
+                Target::Single { url, shown }
+            }
+            (None, Some(urls)) => {
+                if urls.is_empty() {
+                    return Err(ConfigError::new(
+                        "store.cluster",
+                        "at least one node URL is required (e.g. [redis://10.0.0.1:7000, redis://10.0.0.2:7000])",
+                    ));
+                }
+                let mut shown = Vec::with_capacity(urls.len());
+                let mut first_scheme = None;
+                for (i, url) in urls.iter().enumerate() {
+                    let key = format!("store.cluster[{i}]");
+                    let (s, info) = check_url(&key, url)?;
+                    if info.redis.db != 0 {
+                        return Err(ConfigError::new(
+                            key,
+                            "Redis Cluster only has database 0; drop the /db part of the URL",
+                        ));
+                    }
+                    let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+                    match &first_scheme {
+                        None => first_scheme = scheme,
+                        Some(first) if Some(first) != scheme.as_ref() => {
+                            return Err(ConfigError::new(
+                                key,
+                                "all cluster nodes must use the same scheme (all redis:// or all rediss://)",
+                            ))
+                        }
+                        Some(_) => {}
+                    }
+                    shown.push(s);
+                }
+                Target::Cluster { urls, shown }
+            }
+        };
+        Ok(RedisConfig { target })
+    }
+
+    /// The YAML key to name when Redis cannot be reached.
+    pub fn primary_key(&self) -> &'static str {
+        match self.target {
+            Target::Single { .. } => "store.url",
+            Target::Cluster { .. } => "store.cluster",
+        }
+    }
+
+    /// One line for `--test`, passwords masked.
+    pub fn describe(&self) -> String {
+        match &self.target {
+            Target::Single { shown, .. } => format!("redis ({shown})"),
+            Target::Cluster { shown, .. } => {
+                format!(
+                    "redis cluster ({} seed node(s): {})",
+                    shown.len(),
+                    shown.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// Validate one URL; returns it with the password masked, and its parsed
+/// form. Error messages never echo the URL itself: it may hold a password.
+fn check_url(key: &str, raw: &str) -> Result<(String, redis::ConnectionInfo), ConfigError> {
+    const EXPECTED: &str =
+        "expected redis://[user:password@]host[:port][/db] or rediss://... (TLS)";
+    match raw.split_once("://") {
+        Some((scheme, _)) if matches!(scheme.to_ascii_lowercase().as_str(), "redis" | "rediss") => {
+        }
+        Some((scheme, _)) => {
+            return Err(ConfigError::new(
+                key,
+                format!("unsupported URL scheme `{scheme}`; {EXPECTED}"),
+            ))
+        }
+        None => return Err(ConfigError::new(key, format!("not a URL; {EXPECTED}"))),
+    }
+    let Some(mut parsed) = redis::parse_redis_url(raw) else {
+        return Err(ConfigError::new(
+            key,
+            format!("not a valid URL; {EXPECTED}"),
+        ));
+    };
+    if parsed.fragment().is_some() {
+        // redis-rs reads `#insecure` as "skip certificate verification",
+        // which this build leaves out (no tls-rustls-insecure feature).
+        return Err(ConfigError::new(
+            key,
+            "a #fragment is not supported: rediss:// always verifies the server's certificate \
+             against the public (webpki) root certificates",
+        ));
+    }
+    let info = raw
+        .into_connection_info()
+        .map_err(|e| ConfigError::new(key, format!("{}; {EXPECTED}", message(&e))))?;
+    if parsed.password().is_some() {
+        // Only fails for URLs that cannot have a password, which this one has.
+        let _ = parsed.set_password(Some("***"));
+    }
+    Ok((parsed.to_string(), info))
+}
+
+// ------------------------------------------------------------------- store
+
+/// A multiplexed connection of either kind; both are cheap to clone and
+/// safe to use from many requests at once. (Boxed: the manager is ten
+/// times the size of the cluster handle.)
+enum Conn {
+    Single(Box<ConnectionManager>),
+    Cluster(ClusterConnection),
+}
+
+pub struct RedisStore {
+    conn: Conn,
+    load_sha: String,
+    cas_sha: String,
+    /// Seeds the jitter between compare-and-set rounds.
+    jitter: RandomState,
+}
 
 impl RedisStore {
-    pub async fn connect(
-        _c: &RedisConfig,
-    ) -> Result<crate::store::memory::MemoryStore, StoreError> {
-        Err(StoreError::backend("not implemented"))
+    /// Connect (standalone or cluster). Fails fast when Redis is down: the
+    /// caller retries on its next use instead of caching the failure.
+    pub async fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
+        let conn = match &config.target {
+            Target::Single { url, .. } => {
+                let client = redis::Client::open(url.as_str()).map_err(map_err)?;
+                // No reconnect retries inside the manager: a failed
+                // reconnect is retried on the next command anyway, and a
+                // back-off here would keep failing requests for seconds
+                // after Redis is back.
+                let manager_config = ConnectionManagerConfig::new()
+                    .set_number_of_retries(0)
+                    .set_connection_timeout(CONNECT_TIMEOUT)
+                    .set_response_timeout(RESPONSE_TIMEOUT);
+                Conn::Single(Box::new(
+                    ConnectionManager::new_with_config(client, manager_config)
+                        .await
+                        .map_err(map_err)?,
+                ))
+            }
+            Target::Cluster { urls, .. } => {
+                // Few, short retries: they cover MOVED/ASK redirections and
+                // a node being replaced; a node that is down should fail
+                // its requests quickly (the engine applies on_store_error)
+                // rather than hold them until store.timeout.
+                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(RESPONSE_TIMEOUT)
+                    .retries(3)
+                    .min_retry_wait(5)
+                    .max_retry_wait(100)
+                    .build()
+                    .map_err(map_err)?;
+                Conn::Cluster(client.get_async_connection().await.map_err(map_err)?)
+            }
+        };
+        Ok(RedisStore {
+            conn,
+            load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
+            cas_sha: redis::Script::new(CAS_LUA).get_hash().to_string(),
+            jitter: RandomState::new(),
+        })
+    }
+
+    async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
+        self.query_raw(cmd).await.map_err(map_err)
+    }
+
+    async fn query_raw<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        match self.query_once(cmd).await {
+            // The connection was refused or had dropped: the manager is
+            // already reconnecting, so one more try usually lands on the new
+            // connection; this is what makes the first request after an
+            // outage succeed, whatever command it starts with. Repeating is
+            // harmless for every command this store sends: reads, DEL and
+            // PEXPIRE are idempotent, a compare-and-set that did land makes
+            // its repeat fail (and `update` reads again), and a repeated
+            // SET NX reports a collision, so the engine picks another id.
+            Err(e) if e.is_connection_refusal() || e.is_connection_dropped() => {
+                self.query_once(cmd).await
+            }
+            other => other,
+        }
+    }
+
+    async fn query_once<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
+        match &self.conn {
+            Conn::Single(c) => cmd.query_async(&mut (**c).clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+    }
+
+    /// Run a one-key script by hash, sending its source only when the
+    /// server does not know it yet. (Not `redis::Script`: on a cluster it
+    /// loads scripts on every primary, which fails while any node is down.)
+    async fn eval<T: FromRedisValue>(
+        &self,
+        sha: &str,
+        source: &str,
+        key: &str,
+        args: &[&[u8]],
+    ) -> Result<T, StoreError> {
+        let build = |name: &str, body: &str| {
+            let mut cmd = redis::cmd(name);
+            cmd.arg(body).arg(1).arg(key);
+            for a in args {
+                cmd.arg(*a);
+            }
+            cmd
+        };
+        match self.query_raw(&build("EVALSHA", sha)).await {
+            // EVAL also caches the script, so the next EVALSHA works.
+            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+                self.query(&build("EVAL", source)).await
+            }
+            other => other.map_err(map_err),
+        }
+    }
+
+    /// A short random pause between compare-and-set rounds, growing with
+    /// the number of conflicts, so many writers of one session spread out
+    /// instead of colliding in lockstep.
+    async fn back_off(&self, attempt: u32) {
+        let cap_ms = u64::from(attempt.min(10));
+        let ms = self.jitter.hash_one((attempt, SystemTime::now())) % (cap_ms + 1);
+        if ms == 0 {
+            tokio::task::yield_now().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+        }
+    }
+}
+
+/// TTL in milliseconds as Redis wants it: at least 1 (PX 0 is an error).
+fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The error as a sentence: redis-rs prints its error kind in Debug form
+/// (`Invalid database number- InvalidClientConfig`), which only adds noise
+/// for a user.
+fn message(e: &RedisError) -> String {
+    let text = e.to_string();
+    let kind = format!("{:?}", e.kind());
+    if let Some(desc) = text.strip_suffix(&format!("- {kind}")) {
+        return desc.trim_end().to_string();
+    }
+    text.replacen(&format!(" - {kind}: "), ": ", 1)
+}
+
+/// Unreachable, slow or (partly) down => `Unavailable`, which the engine
+/// retries and answers per `on_store_error`; anything Redis itself refused
+/// (bad password, wrong type, script error) => `Backend`.
+fn map_err(e: RedisError) -> StoreError {
+    let unavailable = e.is_io_error()
+        || e.is_timeout()
+        || e.is_connection_refusal()
+        || e.is_connection_dropped()
+        || matches!(
+            e.kind(),
+            ErrorKind::ClusterDown
+                | ErrorKind::MasterDown
+                | ErrorKind::TryAgain
+                | ErrorKind::BusyLoadingError
+                | ErrorKind::ClusterConnectionNotFound
+        );
+    let msg = format!("redis: {}", message(&e));
+    if unavailable {
+        StoreError::Unavailable(msg)
+    } else {
+        StoreError::Backend(msg)
+    }
+}
+
+#[async_trait]
+impl SessionStore for RedisStore {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
+        let found: Option<(Vec<u8>, i64)> = self.eval(&self.load_sha, LOAD_LUA, key, &[]).await?;
+        let Some((bytes, pttl)) = found else {
+            return Ok(None);
+        };
+        // -1 (no TTL) is never written by us; report it as expiring now so
+        // the engine's next refresh puts a TTL back on it.
+        let remaining = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
+        match SessionRecord::from_stored(&bytes) {
+            Ok(record) => Ok(Some(Loaded {
+                record,
+                expires_at: SystemTime::now() + remaining,
+            })),
+            Err(e) => {
+                tracing::warn!(key, error = %e, "ignoring undecodable session in redis");
+                Ok(None)
+            }
+        }
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(key)
+            .arg(record.to_stored())
+            .arg("NX")
+            .arg("PX")
+            .arg(ttl_ms(ttl));
+        let reply: Value = self.query(&cmd).await?;
+        Ok(!matches!(reply, Value::Nil))
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let ttl = ttl_ms(ttl).to_string();
+        for attempt in 0..MAX_CAS_ATTEMPTS {
+            if attempt > 0 {
+                self.back_off(attempt).await;
+            }
+            let current: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
+            let Some(old) = current else {
+                return Ok(UpdateOutcome::Missing);
+            };
+            let record = match SessionRecord::from_stored(&old) {
+                Ok(r) => r,
+                Err(e) => {
+                    // Same as `load`: undecodable data is no session.
+                    tracing::warn!(key, error = %e, "ignoring undecodable session in redis");
+                    return Ok(UpdateOutcome::Missing);
+                }
+            };
+            let decision = f(record).map_err(StoreError::Rejected)?;
+            let new = match &decision {
+                Update::Write(r) => r.to_stored(),
+                Update::Delete => Vec::new(),
+            };
+            let mode: &[u8] = match decision {
+                Update::Write(_) => b"set",
+                Update::Delete => b"del",
+            };
+            let swapped: i64 = self
+                .eval(
+                    &self.cas_sha,
+                    CAS_LUA,
+                    key,
+                    &[&old, mode, &new, ttl.as_bytes()],
+                )
+                .await?;
+            if swapped == 1 {
+                return Ok(match decision {
+                    Update::Write(r) => UpdateOutcome::Written(r),
+                    Update::Delete => UpdateOutcome::Deleted,
+                });
+            }
+            // Someone else wrote (or deleted) in between: read again.
+        }
+        Err(StoreError::Unavailable(format!(
+            "redis: session {key} changed under {MAX_CAS_ATTEMPTS} consecutive update attempts"
+        )))
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self.query(redis::cmd("DEL").arg(key)).await?;
+        Ok(())
+    }
+
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        // PEXPIRE only acts on an existing key: it can never revive one.
+        let set: i64 = self
+            .query(redis::cmd("PEXPIRE").arg(key).arg(ttl_ms(ttl)))
+            .await?;
+        Ok(set == 1)
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        let _: String = self.query(&redis::cmd("PING")).await?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(yaml: &str) -> Result<RedisConfig, ConfigError> {
+        RedisConfig::parse(serde_yaml::from_str(yaml).unwrap())
+    }
+
+    fn err_key(yaml: &str) -> String {
+        parse(yaml).unwrap_err().key
+    }
+
+    #[test]
+    fn url_or_cluster_exactly_one() {
+        assert_eq!(
+            parse("{url: redis://127.0.0.1:6379/0}")
+                .unwrap()
+                .primary_key(),
+            "store.url"
+        );
+        let c = parse("{cluster: [redis://127.0.0.1:7000, redis://127.0.0.1:7001]}").unwrap();
+        assert_eq!(c.primary_key(), "store.cluster");
+        assert_eq!(err_key("{}"), "store.url");
+        assert_eq!(
+            err_key("{url: redis://a:1, cluster: [redis://b:2]}"),
+            "store.cluster"
+        );
+        assert_eq!(err_key("{cluster: []}"), "store.cluster");
+    }
+
+    #[test]
+    fn bad_urls_name_their_key() {
+        assert_eq!(err_key("{url: http://127.0.0.1:6379}"), "store.url");
+        assert_eq!(err_key("{url: 127.0.0.1:6379}"), "store.url");
+        assert_eq!(err_key("{url: redis+unix:///tmp/redis.sock}"), "store.url");
+        assert_eq!(err_key("{url: redis://127.0.0.1:6379/notadb}"), "store.url");
+        assert_eq!(
+            err_key("{cluster: [redis://a:7000, memcached://b:7001]}"),
+            "store.cluster[1]"
+        );
+        assert_eq!(err_key("{cluster: [redis://a:7000/3]}"), "store.cluster[0]");
+        assert_eq!(
+            err_key("{cluster: [redis://a:7000, rediss://b:7001]}"),
+            "store.cluster[1]"
+        );
+        assert_eq!(err_key("{url: \"rediss://a:6380#insecure\"}"), "store.url");
+        let e = parse("{url: redis://127.0.0.1:6379, pool: 3}").unwrap_err();
+        assert_eq!(e.key, "store.pool");
+        assert!(e.message.contains("unknown key"), "{e}");
+    }
+
+    #[test]
+    fn passwords_are_never_shown() {
+        let c = parse("{url: \"rediss://app:hunter2@redis.example:6380/2\"}").unwrap();
+        let shown = format!("{} {c:?}", c.describe());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(
+            shown.contains("rediss://app:***@redis.example:6380/2"),
+            "{shown}"
+        );
+        let c = parse("{cluster: [\"redis://:hunter2@a:7000\"]}").unwrap();
+        let shown = format!("{} {c:?}", c.describe());
+        assert!(!shown.contains("hunter2"), "{shown}");
+        let e = parse("{url: \"redis://:hunter2@a:1/x\"}").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
     }
 }

@@ -7,6 +7,8 @@
 pub mod contract;
 pub mod gateway;
 pub mod protocol;
+#[cfg(feature = "redis")]
+pub mod redis_server;
 pub mod upstream;
 
 pub use gateway::{Gateway, GatewayBuilder};

@@ -1,0 +1,427 @@
+//! Real Redis servers for tests: a private `redis-server` on a free
+//! loopback port in a temp dir (no persistence), killed on drop, that a
+//! test can stop and start again on the same port or freeze (SIGSTOP); and
+//! a three-node Redis Cluster built from such servers with `redis-cli
+//! --cluster create`. The machine's own Redis (6379) is never touched.
+//!
+//! Binaries come from `REDIS_SERVER_BIN` / `REDIS_CLI_BIN` (default
+//! `redis-server` / `redis-cli` on PATH). A missing binary fails the test
+//! with the command that installs it: a skipped store test would read as a
+//! passing one.
+//!
+//! Servers are spawned with `PR_SET_PDEATHSIG`, so they also die if the
+//! test binary is killed before their drop runs. That signal follows the
+//! spawning *thread*: create servers on the test's own thread (the body of
+//! a `#[tokio::test]` runs there), never inside `spawn_blocking`.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+pub fn server_bin() -> String {
+    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into())
+}
+
+pub fn cli_bin() -> String {
+    std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".into())
+}
+
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One private `redis-server`.
+pub struct RedisServer {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    args: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Start a standalone server on a free port.
+    pub fn start() -> RedisServer {
+        Self::start_with(&[])
+    }
+
+    /// Start a server with extra `redis-server` arguments
+    /// (e.g. `["--requirepass", "pw"]`).
+    pub fn start_with(args: &[&str]) -> RedisServer {
+        let mut server = RedisServer {
+            port: 0,
+            dir: tempfile::tempdir().expect("temp dir for redis"),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        // The free port may be taken between probing and binding; then
+        // redis-server exits at once and another port is tried.
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            server.port = super::free_port();
+            match server.spawn() {
+                Ok(()) => return server,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("redis-server did not start on any of 5 free ports:\n{last_log}");
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("redis.log")
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the server logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    /// Start the process and wait until it answers; `Err(log)` if it exits.
+    fn spawn(&mut self) -> Result<(), String> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .unwrap();
+        let mut cmd = Command::new(server_bin());
+        cmd.args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
+                "`{}` not found: the Redis tests need a real server. Install it with \
+                 `apt-get install redis-server` (or set REDIS_SERVER_BIN)",
+                server_bin()
+            ),
+            Err(e) => panic!("cannot start {}: {e}", server_bin()),
+        };
+        self.child = Some(child);
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if ping(self.port) {
+                return Ok(());
+            }
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                self.child = None;
+                return Err(format!(
+                    "redis-server exited with {status}:\n{}",
+                    self.log()
+                ));
+            }
+            if Instant::now() > deadline {
+                panic!("redis-server did not answer within 10s:\n{}", self.log());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().expect("redis-server is running").id() as i32
+    }
+
+    /// Kill the server (an outage; its data is gone, nothing persists).
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Start again on the same port after [`stop`](Self::stop).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "redis-server is still running");
+        if let Err(log) = self.spawn() {
+            panic!("redis-server did not restart on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Freeze the process (SIGSTOP): connections stay open, nothing answers.
+    pub fn pause(&self) {
+        unsafe {
+            libc::kill(self.pid(), libc::SIGSTOP);
+        }
+    }
+
+    /// Thaw a [`pause`](Self::pause)d server (SIGCONT).
+    pub fn resume(&self) {
+        unsafe {
+            libc::kill(self.pid(), libc::SIGCONT);
+        }
+    }
+
+    /// A synchronous client for inspecting the server from a test.
+    pub fn client(&self) -> redis::Connection {
+        connect(self.port)
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A blocking connection with timeouts, so a frozen server cannot hang a
+/// test.
+pub fn connect(port: u16) -> redis::Connection {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).unwrap();
+    let con = client
+        .get_connection_with_timeout(Duration::from_secs(2))
+        .unwrap_or_else(|e| panic!("connect to redis on port {port}: {e}"));
+    con.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    con.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    con
+}
+
+/// Does something answer RESP on the port? (`-NOAUTH` counts as alive.)
+fn ping(port: u16) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut buf = [0u8; 64];
+    s.write_all(b"PING\r\n").is_ok()
+        && s.read(&mut buf)
+            .is_ok_and(|n| n > 0 && matches!(buf[0], b'+' | b'-'))
+        && !buf.starts_with(b"-LOADING")
+}
+
+/// Kill the child when the spawning thread (or the whole test binary) dies.
+fn die_with_parent(cmd: &mut Command) {
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+}
+
+// ----------------------------------------------------------------- cluster
+
+/// A Redis Cluster of three primaries (no replicas) on free ports, with a
+/// short node timeout so failures are noticed within about a second, and
+/// `cluster-require-full-coverage no` so the slots of live nodes keep
+/// working while one node is down.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "1000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new(cli_bin())
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| {
+                if e.kind() == std::io::ErrorKind::NotFound {
+                    panic!(
+                        "`{}` not found: the Redis Cluster tests need it. Install it with \
+                         `apt-get install redis-server` (redis-cli comes with it, or \
+                         `apt-get install redis-tools`; or set REDIS_CLI_BIN)",
+                        cli_bin()
+                    )
+                }
+                panic!("cannot run {}: {e}", cli_bin())
+            });
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let cluster = RedisCluster { nodes };
+        cluster.wait_ok(Duration::from_secs(20));
+        cluster
+    }
+
+    /// Wait until every running node reports `cluster_state:ok` and sees
+    /// all its peers.
+    pub fn wait_ok(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let states: Vec<String> = self
+                .nodes
+                .iter()
+                .filter(|n| n.child.is_some())
+                .map(|n| {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query(&mut n.client())
+                        .unwrap_or_default();
+                    info
+                })
+                .collect();
+            let ok = states.iter().all(|i| {
+                i.contains("cluster_state:ok")
+                    && i.contains("cluster_slots_assigned:16384")
+                    && i.contains(&format!("cluster_known_nodes:{}", self.nodes.len()))
+            });
+            if ok {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "cluster not ok within {limit:?}:\n{}",
+                    states.join("\n---\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect()
+    }
+
+    /// The `store:` YAML for this cluster.
+    pub fn yaml(&self) -> String {
+        cluster_yaml(&self.urls())
+    }
+
+    /// The node serving `key` (by `CLUSTER KEYSLOT` and `CLUSTER SLOTS`).
+    pub fn node_of(&self, key: &str) -> usize {
+        node_of(&self.ports(), key)
+    }
+
+    pub fn ports(&self) -> Vec<u16> {
+        self.nodes.iter().map(|n| n.port).collect()
+    }
+}
+
+pub fn cluster_yaml(urls: &[String]) -> String {
+    format!("{{type: redis, cluster: [{}]}}", urls.join(", "))
+}
+
+/// Index into `ports` of the node that serves `key`, asked of any live node.
+pub fn node_of(ports: &[u16], key: &str) -> usize {
+    for &port in ports {
+        let Ok(client) = redis::Client::open(format!("redis://127.0.0.1:{port}/")) else {
+            continue;
+        };
+        let Ok(mut con) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+            continue;
+        };
+        let _ = con.set_read_timeout(Some(Duration::from_secs(2)));
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query(&mut con)
+            .unwrap();
+        // [[start, end, [host, port, id], ...], ...]
+        let ranges: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query::<Vec<redis::Value>>(&mut con)
+            .unwrap()
+            .into_iter()
+            .map(|range| {
+                let redis::Value::Array(items) = range else {
+                    panic!("CLUSTER SLOTS: {range:?}")
+                };
+                let start: u16 = redis::from_redis_value(&items[0]).unwrap();
+                let end: u16 = redis::from_redis_value(&items[1]).unwrap();
+                let redis::Value::Array(master) = &items[2] else {
+                    panic!("CLUSTER SLOTS master: {:?}", items[2])
+                };
+                let host: String = redis::from_redis_value(&master[0]).unwrap();
+                let port: u16 = redis::from_redis_value(&master[1]).unwrap();
+                (start, end, (host, port))
+            })
+            .collect();
+        let (_, _, (_, owner)) = ranges
+            .iter()
+            .find(|(s, e, _)| (*s..=*e).contains(&slot))
+            .unwrap_or_else(|| panic!("slot {slot} not assigned"));
+        return ports.iter().position(|p| p == owner).unwrap();
+    }
+    panic!("no cluster node answered");
+}
+
+/// A cluster shared by every test of one test binary (each test uses its
+/// own keys): building a cluster takes a few seconds, too long to pay per
+/// test. It is built on a thread that lives as long as the process, so
+/// its servers die with the binary (PDEATHSIG); an `atexit` hook kills
+/// them and removes their directories on a normal exit.
+pub fn shared_cluster() -> &'static [String] {
+    static URLS: OnceLock<Vec<String>> = OnceLock::new();
+    URLS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("shared-redis-cluster".into())
+            .spawn(move || {
+                let mut cluster = RedisCluster::start();
+                let mut leftovers = LEFTOVERS.lock().unwrap();
+                for node in &mut cluster.nodes {
+                    leftovers.push((node.pid(), node.dir().to_path_buf()));
+                }
+                drop(leftovers);
+                unsafe {
+                    libc::atexit(clean_up_shared);
+                }
+                let _ = tx.send(cluster.urls());
+                // The nodes live until the process ends.
+                let _keep = cluster;
+                loop {
+                    std::thread::park();
+                }
+            })
+            .unwrap();
+        rx.recv()
+            .expect("the shared Redis Cluster failed to start (see the panic above)")
+    })
+}
+
+static LEFTOVERS: Mutex<Vec<(i32, PathBuf)>> = Mutex::new(Vec::new());
+
+extern "C" fn clean_up_shared() {
+    if let Ok(list) = LEFTOVERS.lock() {
+        for (pid, dir) in list.iter() {
+            unsafe {
+                libc::kill(*pid, libc::SIGKILL);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}

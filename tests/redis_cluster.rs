@@ -1,0 +1,175 @@
+//! The Redis store on a Redis Cluster: the store contract and the protocol
+//! suite on one three-node cluster shared by this binary (every test has
+//! its own keys), and on a private cluster: sessions spread over the
+//! nodes, and a node going down fails only the sessions it holds.
+#![cfg(feature = "redis")]
+
+mod common;
+
+use common::gateway::{binary, KEY_A};
+use common::protocol::{get_with_cookie, setup, Browser};
+use common::redis_server::{cluster_yaml, connect, shared_cluster, RedisCluster};
+use common::StoreFixture;
+use serde_json::json;
+use session_gateway::session::SessionStore;
+use session_gateway::store::redis::{RedisConfig, RedisStore};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+async fn fixture() -> StoreFixture {
+    StoreFixture::new(cluster_yaml(shared_cluster()), ())
+}
+
+async fn store() -> (Arc<dyn SessionStore>, ()) {
+    let yaml = format!("{{cluster: [{}]}}", shared_cluster().join(", "));
+    let config = RedisConfig::parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
+    let store = RedisStore::connect(&config).await.expect("connect");
+    (Arc::new(store), ())
+}
+
+store_contract!(store);
+protocol_suite!(fixture);
+persistence_suite!(fixture);
+
+fn dbsize(port: u16) -> i64 {
+    redis::cmd("DBSIZE").query(&mut connect(port)).unwrap()
+}
+
+/// ~30 sessions land on several nodes; with one node killed, its sessions
+/// get 503 (fail_closed) within the timeout while the others keep working,
+/// also once the cluster has marked the node as failed; when it is back,
+/// every request succeeds again without restarting the gateway.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_spread_and_a_down_node_fails_only_its_sessions() {
+    let mut cluster = RedisCluster::start();
+    let ports = cluster.ports();
+    let yaml = format!(
+        "{{type: redis, cluster: [{}], timeout: 500ms}}",
+        cluster.urls().join(", ")
+    );
+    let s = setup(StoreFixture::new(yaml, ()), |b| b).await;
+
+    let mut browsers = Vec::new();
+    for i in 0..30 {
+        let b = Browser::new(&s.gw);
+        let r = b.patch("/", json!({ "n": i })).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        browsers.push(b);
+    }
+    let sizes: Vec<i64> = ports.iter().map(|&p| dbsize(p)).collect();
+    assert_eq!(sizes.iter().sum::<i64>(), 30, "{sizes:?}");
+    assert!(
+        sizes.iter().filter(|&&n| n > 0).count() >= 2,
+        "all sessions on one node: {sizes:?}"
+    );
+    let owner: Vec<usize> = browsers
+        .iter()
+        .map(|b| {
+            let id = b.cookie().unwrap();
+            cluster.node_of(&format!("session:{}", id.split('.').next().unwrap()))
+        })
+        .collect();
+    // The victim: the node holding the most sessions.
+    let victim = (0..ports.len()).max_by_key(|&i| sizes[i]).unwrap();
+
+    cluster.nodes[victim].stop();
+    let check = |phase: &'static str| {
+        let browsers = &browsers;
+        let owner = &owner;
+        async move {
+            for (i, b) in browsers.iter().enumerate() {
+                let started = Instant::now();
+                let r = b.get("/", &[]).await;
+                let took = started.elapsed();
+                if owner[i] == victim {
+                    assert_eq!(r.status, 503, "{phase}: session {i}: {}", r.text);
+                    assert!(
+                        took < Duration::from_millis(1500),
+                        "{phase}: 503 took {took:?}"
+                    );
+                } else {
+                    assert_eq!(r.status, 200, "{phase}: session {i}: {}", r.text);
+                    assert_eq!(r.session(), json!({ "n": i }), "{phase}");
+                }
+            }
+        }
+    };
+    check("node just killed").await;
+    // Let the other nodes flag the node as failed (node timeout 1s).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let live = ports[(victim + 1) % ports.len()];
+    loop {
+        let nodes: String = redis::cmd("CLUSTER")
+            .arg("NODES")
+            .query(&mut connect(live))
+            .unwrap();
+        if nodes.lines().any(|l| l.contains(" master,fail ")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "node never flagged as failed:\n{nodes}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check("node flagged as failed").await;
+
+    // Back on the same port (its data is gone: no persistence): its
+    // sessions start fresh, the others are untouched.
+    cluster.nodes[victim].start_again();
+    cluster.wait_ok(Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for (i, b) in browsers.iter().enumerate() {
+        let cookie = format!("session={}", b.cookie().unwrap());
+        let r = loop {
+            let r = get_with_cookie(&s.gw, "/", &cookie, &[]).await;
+            if r.status == 200 || Instant::now() > deadline {
+                break r;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        assert_eq!(r.status, 200, "after restart: session {i}: {}", r.text);
+        let expected = if owner[i] == victim {
+            json!({})
+        } else {
+            json!({ "n": i })
+        };
+        assert_eq!(r.session(), expected, "after restart: session {i}");
+    }
+    let b = Browser::new(&s.gw);
+    assert_eq!(b.patch("/", json!({"new": 1})).await.status, 200);
+    assert_eq!(b.get("/", &[]).await.session(), json!({"new": 1}));
+}
+
+/// `conf/redis-cluster.yaml` passes `--test` against a live cluster.
+#[test]
+fn shipped_cluster_config_is_valid() {
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/redis-cluster.yaml");
+    let text = std::fs::read_to_string(shipped).unwrap();
+    let urls = shared_cluster();
+    let mut replaced = text.clone();
+    for (i, port) in [7000, 7001, 7002].iter().enumerate() {
+        let default = format!("redis://127.0.0.1:{port}");
+        assert!(
+            text.contains(&default),
+            "conf/redis-cluster.yaml changed its nodes"
+        );
+        replaced = replaced.replace(&default, &urls[i]);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("redis-cluster.yaml");
+    std::fs::write(&path, replaced).unwrap();
+    let out = Command::new(binary())
+        .args(["-c", path.to_str().unwrap(), "--test"])
+        .current_dir(dir.path())
+        .env("SESSION_SECRET", KEY_A)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("redis cluster (3 seed node(s)"), "{stdout}");
+}
