@@ -1,9 +1,9 @@
 //! The Redis store against a private `redis-server` per test: the store
 //! contract, the protocol suite, restart and rotation, plus what is
 //! specific to Redis: the key and TTL layout, refreshes that only touch
-//! the TTL, outages and a frozen server (503 within `store.timeout`, then
-//! recovery without restarting the gateway), fail_open, passwords, and the
-//! shipped `conf/redis.yaml`.
+//! the TTL, the compare-and-set between gateways, outages and a frozen
+//! server (503 within `store.timeout`, then recovery without restarting the
+//! gateway), fail_open, passwords, and the shipped `conf/redis.yaml`.
 #![cfg(feature = "redis")]
 
 mod common;
@@ -13,10 +13,11 @@ use common::protocol::{get_with_cookie, setup, Browser, Setup};
 use common::redis_server::RedisServer;
 use common::StoreFixture;
 use serde_json::json;
-use session_gateway::session::{SessionRecord, SessionStore};
+use session_gateway::session::{SessionRecord, SessionStore, Update, UpdateOutcome};
 use session_gateway::store::redis::{RedisConfig, RedisStore};
 use std::process::{Command, Stdio};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Store timeout of the outage tests, and how much later than it a 503
@@ -38,10 +39,24 @@ async fn fixture() -> StoreFixture {
 
 async fn store() -> (Arc<dyn SessionStore>, RedisServer) {
     let server = RedisServer::start();
+    (connect_store(&server).await, server)
+}
+
+/// A store of its own (as another gateway process would have).
+async fn connect_store(server: &RedisServer) -> Arc<dyn SessionStore> {
     let yaml = format!("{{url: \"{}\"}}", server.url());
     let config = RedisConfig::parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
-    let store = RedisStore::connect(&config).await.expect("connect");
-    (Arc::new(store), server)
+    Arc::new(RedisStore::connect(&config).await.expect("connect"))
+}
+
+fn record(v: serde_json::Value) -> SessionRecord {
+    let serde_json::Value::Object(data) = v else {
+        panic!("object")
+    };
+    SessionRecord {
+        permanent: true,
+        data,
+    }
 }
 
 protocol_suite!(fixture);
@@ -375,4 +390,86 @@ async fn old_cookie_after_regenerate_finds_no_key() {
     );
     let r = get_with_cookie(&s.gw, "/", &format!("session={old_cookie}"), &[]).await;
     assert_eq!(r.session(), json!({}));
+}
+
+/// Another writer (another gateway) changes the session between `update`'s
+/// read and its write: the compare-and-set notices, and the update is
+/// applied again on top of the other write instead of overwriting it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_applies_again_when_another_writer_got_in_between() {
+    let server = RedisServer::start();
+    let store = connect_store(&server).await;
+    let ttl = Duration::from_secs(600);
+    assert!(store
+        .create("race", &record(json!({"a": 1})), ttl)
+        .await
+        .unwrap());
+    let other = Mutex::new(server.client());
+    let calls = AtomicUsize::new(0);
+    let out = store
+        .update("race", ttl, &|mut r: SessionRecord| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                let theirs = record(json!({"a": 1, "theirs": true})).to_stored();
+                let () = redis::cmd("SET")
+                    .arg("race")
+                    .arg(theirs)
+                    .arg("PX")
+                    .arg(600_000)
+                    .query(&mut *other.lock().unwrap())
+                    .unwrap();
+            }
+            r.data.insert("mine".into(), json!(true));
+            Ok(Update::Write(r))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the conflict was not noticed"
+    );
+    let expected = record(json!({"a": 1, "theirs": true, "mine": true}));
+    assert_eq!(out, UpdateOutcome::Written(expected.clone()));
+    assert_eq!(store.load("race").await.unwrap().unwrap().record, expected);
+}
+
+/// 50 concurrent read-modify-writes of one session from five stores (five
+/// gateways): the local lock does not help across processes, the
+/// compare-and-set must.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_updates_from_several_gateways_lose_nothing() {
+    let server = RedisServer::start();
+    let mut stores = Vec::new();
+    for _ in 0..5 {
+        stores.push(connect_store(&server).await);
+    }
+    let ttl = Duration::from_secs(600);
+    assert!(stores[0]
+        .create("shared", &record(json!({"start": true})), ttl)
+        .await
+        .unwrap());
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let store = stores[i % stores.len()].clone();
+            tokio::spawn(async move {
+                let field = format!("k{i}");
+                store
+                    .update("shared", ttl, &|mut r: SessionRecord| {
+                        r.data.insert(field.clone(), json!(i));
+                        Ok(Update::Write(r))
+                    })
+                    .await
+            })
+        })
+        .collect();
+    for t in tasks {
+        assert!(matches!(
+            t.await.unwrap().unwrap(),
+            UpdateOutcome::Written(_)
+        ));
+    }
+    let data = stores[0].load("shared").await.unwrap().unwrap().record.data;
+    for i in 0..50 {
+        assert_eq!(data.get(&format!("k{i}")), Some(&json!(i)), "lost k{i}");
+    }
 }

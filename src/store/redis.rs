@@ -9,7 +9,9 @@
 //! - `update` is optimistic: GET, apply the update function in Rust, then a
 //!   compare-and-set script writes (or deletes) only if the value is still
 //!   the one read; on a conflict it reads again. Every script touches one
-//!   key, so all of this works unchanged on Redis Cluster.
+//!   key, so all of this works unchanged on Redis Cluster. Within one
+//!   process, updates of a key also queue on a local lock, so concurrent
+//!   patches cost one round of GET + script each instead of racing.
 //! - Connections are multiplexed and reconnect by themselves
 //!   ([`ConnectionManager`] standalone, [`ClusterConnection`] on a
 //!   cluster); a failed first connection is an error the store handle does
@@ -41,6 +43,8 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
 /// another writer of the same session won, so this is only reached under
 /// sustained contention on one session.
 const MAX_CAS_ATTEMPTS: u32 = 200;
+/// Lock stripes serializing local updates (see [`RedisStore::stripes`]).
+const STRIPES: usize = 64;
 
 /// `{value, pttl}` of a key, or nil if it does not exist. One script so the
 /// two can never disagree about whether the key exists.
@@ -247,8 +251,14 @@ pub struct RedisStore {
     conn: Conn,
     load_sha: String,
     cas_sha: String,
-    /// Seeds the jitter between compare-and-set rounds.
-    jitter: RandomState,
+    /// Updates of one key within this process queue on a lock stripe
+    /// instead of racing: the compare-and-set keeps them atomic either way
+    /// (and is what protects against other gateways), but N local writers
+    /// racing cost O(N^2) round trips, queued ones O(N).
+    stripes: Vec<tokio::sync::Mutex<()>>,
+    /// Picks the stripe of a key and seeds the jitter between
+    /// compare-and-set rounds.
+    hasher: RandomState,
 }
 
 impl RedisStore {
@@ -292,7 +302,8 @@ impl RedisStore {
             conn,
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
             cas_sha: redis::Script::new(CAS_LUA).get_hash().to_string(),
-            jitter: RandomState::new(),
+            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
+            hasher: RandomState::new(),
         })
     }
 
@@ -356,7 +367,7 @@ impl RedisStore {
     /// instead of colliding in lockstep.
     async fn back_off(&self, attempt: u32) {
         let cap_ms = u64::from(attempt.min(10));
-        let ms = self.jitter.hash_one((attempt, SystemTime::now())) % (cap_ms + 1);
+        let ms = self.hasher.hash_one((attempt, SystemTime::now())) % (cap_ms + 1);
         if ms == 0 {
             tokio::task::yield_now().await;
         } else {
@@ -455,6 +466,10 @@ impl SessionStore for RedisStore {
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
         let ttl = ttl_ms(ttl).to_string();
+        let stripe = (self.hasher.hash_one(key) % STRIPES as u64) as usize;
+        // Held across read, `f` and write; dropped with the future if the
+        // engine's timeout cancels the update.
+        let _local = self.stripes[stripe].lock().await;
         for attempt in 0..MAX_CAS_ATTEMPTS {
             if attempt > 0 {
                 self.back_off(attempt).await;
