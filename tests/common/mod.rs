@@ -9,6 +9,8 @@ pub mod gateway;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
+#[cfg(feature = "sql")]
+pub mod sql_server;
 pub mod upstream;
 
 pub use gateway::{Gateway, GatewayBuilder};

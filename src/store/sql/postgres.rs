@@ -1,0 +1,352 @@
+//! PostgreSQL dialect of the SQL store.
+//!
+//! Schema (what `create_table: true` runs; `sessions` stands for
+//! `store.table`, quoted verbatim, so the name is case-sensitive):
+//! ```sql
+//! CREATE TABLE IF NOT EXISTS "sessions" (
+//!     id      VARCHAR(255) PRIMARY KEY,
+//!     data    BYTEA        NOT NULL,
+//!     expires TIMESTAMPTZ  NOT NULL
+//! );
+//! CREATE INDEX IF NOT EXISTS "sessions_expires_idx" ON "sessions" (expires);
+//! ```
+//! - `update`: `SELECT ... FOR UPDATE` in a transaction; the row lock holds
+//!   off every other update of the same session until commit, and a row
+//!   deleted or expired meanwhile is re-checked after the wait.
+//! - `create`: one `INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE the old
+//!   row expired`, so a live row is never overwritten.
+//! - purge: `DELETE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP
+//!   LOCKED)`, so concurrent purgers (several gateways) take disjoint rows
+//!   and never wait on a row a request holds.
+//! - Times are bound as microseconds since the epoch and converted in SQL,
+//!   exactly (no float rounding), without a date-time crate.
+
+use super::{
+    classify, decode_record, decode_row, missing_table, now_and_expiry, now_micros, pool_options,
+    Attempt, Dialect, SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
+};
+use crate::session::{
+    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
+};
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::{ConnectOptions, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+pub(super) fn options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    PgConnectOptions::from_str(url)
+}
+
+/// Error codes meaning "not available now": connection exceptions (08),
+/// too many connections, shutting down / starting up, cancelled by
+/// `statement_timeout`, lock or deadlock timeouts.
+fn transient(code: &str) -> bool {
+    code.starts_with("08")
+        || code.starts_with("57P")
+        || matches!(code, "53300" | "57014" | "55P03" | "40P01" | "40001")
+}
+
+/// Worth re-running the whole update transaction.
+fn conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+fn err(e: sqlx::Error) -> StoreError {
+    classify(Dialect::Postgres, e, transient)
+}
+
+/// `$n` (µs since the epoch) as a `timestamptz`.
+fn ts(n: u8) -> String {
+    format!("(TIMESTAMPTZ 'epoch' + ${n}::int8 * INTERVAL '1 microsecond')")
+}
+
+const EXPIRES_MICROS: &str = "(EXTRACT(EPOCH FROM expires) * 1000000)::int8";
+
+/// The statements, built once from the validated table name.
+struct Sql {
+    load: String,
+    create: String,
+    lock: String,
+    write: String,
+    delete: String,
+    touch: String,
+    purge: String,
+    probe: String,
+    ddl: [String; 2],
+}
+
+impl Sql {
+    fn new(table: &TableName) -> Sql {
+        let t = table.quoted('"');
+        Sql {
+            load: format!(
+                "SELECT data, {EXPIRES_MICROS} AS expires_us FROM {t} WHERE id = $1 AND expires > {}",
+                ts(2)
+            ),
+            create: format!(
+                "INSERT INTO {t} AS t (id, data, expires) VALUES ($1, $2, {}) \
+                 ON CONFLICT (id) DO UPDATE SET data = EXCLUDED.data, expires = EXCLUDED.expires \
+                 WHERE t.expires <= {}",
+                ts(3),
+                ts(4)
+            ),
+            lock: format!(
+                "SELECT data FROM {t} WHERE id = $1 AND expires > {} FOR UPDATE",
+                ts(2)
+            ),
+            write: format!("UPDATE {t} SET data = $2, expires = {} WHERE id = $1", ts(3)),
+            delete: format!("DELETE FROM {t} WHERE id = $1"),
+            touch: format!(
+                "UPDATE {t} SET expires = {} WHERE id = $1 AND expires > {}",
+                ts(2),
+                ts(3)
+            ),
+            purge: format!(
+                "DELETE FROM {t} WHERE id IN (SELECT id FROM {t} WHERE expires <= {} \
+                 ORDER BY expires LIMIT {PURGE_BATCH} FOR UPDATE SKIP LOCKED)",
+                ts(1)
+            ),
+            probe: format!("SELECT id, data, expires FROM {t} WHERE 1 = 0"),
+            ddl: [
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (\n    \
+                         id      VARCHAR(255) PRIMARY KEY,\n    \
+                         data    BYTEA        NOT NULL,\n    \
+                         expires TIMESTAMPTZ  NOT NULL\n\
+                     )"
+                ),
+                format!(
+                    "CREATE INDEX IF NOT EXISTS \"{}\" ON {t} (expires)",
+                    table.index_name()
+                ),
+            ],
+        }
+    }
+}
+
+pub(super) struct PgStore {
+    pool: PgPool,
+    table: TableName,
+    sql: Sql,
+}
+
+impl PgStore {
+    pub(super) async fn connect(cfg: &SqlConfig) -> Result<PgStore, StoreError> {
+        let options = options(&cfg.url)
+            .map_err(StoreError::backend)?
+            .log_statements(tracing_log::log::LevelFilter::Trace)
+            .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
+        let pool = pool_options(cfg).connect_lazy_with(options);
+        let store = PgStore {
+            pool,
+            table: cfg.table.clone(),
+            sql: Sql::new(&cfg.table),
+        };
+        // Establish a connection now: a bad URL or a dead server fails this
+        // call, which the store handle does not cache.
+        drop(store.pool.acquire().await.map_err(err)?);
+        if cfg.create_table {
+            store.ensure_table().await?;
+        }
+        Ok(store)
+    }
+
+    /// Create the table and index unless the table exists. Gateways that
+    /// start together would race in `CREATE TABLE IF NOT EXISTS` (it is
+    /// not atomic in PostgreSQL), so creation runs under an advisory lock.
+    async fn ensure_table(&self) -> Result<(), StoreError> {
+        if self.probe().await.is_ok() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await.map_err(err)?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+            .bind(format!("session-gateway:{}", self.table))
+            .execute(&mut *tx)
+            .await
+            .map_err(err)?;
+        for statement in &self.sql.ddl {
+            // `query` rather than `raw_sql`: the latter's executor bounds
+            // make this future fail the `Send` check callers need.
+            sqlx::query(statement)
+                .persistent(false)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| {
+                    StoreError::Backend(format!(
+                        "store.table: cannot create table `{}`: postgres: {e}",
+                        self.table
+                    ))
+                })?;
+        }
+        tx.commit().await.map_err(err)?;
+        tracing::info!(table = %self.table, "created the session table (if it was missing)");
+        Ok(())
+    }
+
+    async fn probe(&self) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.sql.probe)
+            .fetch_optional(&self.pool)
+            .await
+            .map(drop)
+    }
+
+    async fn try_update(&self, key: &str, ttl: Duration, f: &UpdateFn<'_>) -> Attempt {
+        let mut tx = self.pool.begin().await?;
+        let (now, expires) = now_and_expiry(ttl);
+        let row = sqlx::query(&self.sql.lock)
+            .bind(key)
+            .bind(now)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let Some(row) = row else {
+            tx.rollback().await?;
+            return Ok(Ok(UpdateOutcome::Missing));
+        };
+        let data: Vec<u8> = row.try_get(0)?;
+        // Undecodable data reads as "no session" in `load`; here too.
+        let Some(current) = decode_record(&self.table, &data) else {
+            tx.rollback().await?;
+            return Ok(Ok(UpdateOutcome::Missing));
+        };
+        let update = match f(current) {
+            Ok(u) => u,
+            Err(msg) => {
+                tx.rollback().await?;
+                return Ok(Err(msg));
+            }
+        };
+        let outcome = match update {
+            Update::Write(record) => {
+                sqlx::query(&self.sql.write)
+                    .bind(key)
+                    .bind(record.to_stored())
+                    .bind(expires)
+                    .execute(&mut *tx)
+                    .await?;
+                UpdateOutcome::Written(record)
+            }
+            Update::Delete => {
+                sqlx::query(&self.sql.delete)
+                    .bind(key)
+                    .execute(&mut *tx)
+                    .await?;
+                UpdateOutcome::Deleted
+            }
+        };
+        tx.commit().await?;
+        Ok(Ok(outcome))
+    }
+}
+
+#[async_trait]
+impl SessionStore for PgStore {
+    fn kind(&self) -> &'static str {
+        "sql"
+    }
+
+    async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
+        let row = sqlx::query(&self.sql.load)
+            .bind(key)
+            .bind(now_micros())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err)?;
+        let Some(row) = row else { return Ok(None) };
+        let data: Vec<u8> = row.try_get(0).map_err(err)?;
+        let expires_us: i64 = row.try_get(1).map_err(err)?;
+        Ok(decode_row(&self.table, &data, expires_us))
+    }
+
+    async fn create(
+        &self,
+        key: &str,
+        record: &SessionRecord,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let (now, expires) = now_and_expiry(ttl);
+        let done = sqlx::query(&self.sql.create)
+            .bind(key)
+            .bind(record.to_stored())
+            .bind(expires)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn update(
+        &self,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match self.try_update(key, ttl, f).await {
+                Ok(Ok(outcome)) => return Ok(outcome),
+                Ok(Err(msg)) => return Err(StoreError::Rejected(msg)),
+                Err(e) if conflict(&e) && attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "session update conflicted; retrying");
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+    }
+
+    async fn delete(&self, key: &str) -> Result<(), StoreError> {
+        sqlx::query(&self.sql.delete)
+            .bind(key)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(())
+    }
+
+    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
+        let (now, expires) = now_and_expiry(ttl);
+        let done = sqlx::query(&self.sql.touch)
+            .bind(key)
+            .bind(expires)
+            .bind(now)
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = now_micros();
+        let mut removed = 0;
+        for _ in 0..PURGE_MAX_BATCHES {
+            let n = sqlx::query(&self.sql.purge)
+                .bind(now)
+                .execute(&self.pool)
+                .await
+                .map_err(err)?
+                .rows_affected();
+            removed += n;
+            if n < PURGE_BATCH {
+                return Ok(removed);
+            }
+        }
+        tracing::info!(
+            removed,
+            "purge stopped after {PURGE_MAX_BATCHES} batches; the next run continues"
+        );
+        Ok(removed)
+    }
+
+    async fn check(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1")
+            .execute(&self.pool)
+            .await
+            .map_err(err)?;
+        self.probe().await.map_err(|e| match e {
+            sqlx::Error::Database(_) => missing_table(Dialect::Postgres, &self.table, e),
+            other => err(other),
+        })
+    }
+}
