@@ -173,3 +173,21 @@ fn shipped_cluster_config_is_valid() {
     assert!(out.status.success(), "{stdout}{stderr}");
     assert!(stdout.contains("redis cluster (3 seed node(s)"), "{stdout}");
 }
+
+/// `url:` pointed at a cluster node is caught by `--test` with a hint.
+#[test]
+fn url_of_a_cluster_node_fails_the_config_test_with_a_hint() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("g.yaml");
+    let yaml = format!(
+        "listen: 127.0.0.1:6188\nupstream: 127.0.0.1:8000\nsecret_keys: [\"{KEY_A}\"]\n\
+         store: {{type: redis, url: \"{}\"}}\n",
+        shared_cluster()[0]
+    );
+    std::fs::write(&path, yaml).unwrap();
+    let (code, out, err) =
+        common::gateway::run_cli(&["-c", path.to_str().unwrap(), "--test"], dir.path());
+    assert_ne!(code, 0, "{out}{err}");
+    assert!(err.starts_with("error: store.url:"), "{err}");
+    assert!(err.contains("store.cluster instead"), "{err}");
+}

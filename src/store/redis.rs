@@ -320,7 +320,8 @@ impl RedisStore {
             // harmless for every command this store sends: reads, DEL and
             // PEXPIRE are idempotent, a compare-and-set that did land makes
             // its repeat fail (and `update` reads again), and a repeated
-            // SET NX reports a collision, so the engine picks another id.
+            // SET NX reports a collision, so the engine picks another id
+            // (the first key, if it did land, expires unused).
             Err(e) if e.is_connection_refusal() || e.is_connection_dropped() => {
                 self.query_once(cmd).await
             }
@@ -409,6 +410,13 @@ fn map_err(e: RedisError) -> StoreError {
                 | ErrorKind::BusyLoadingError
                 | ErrorKind::ClusterConnectionNotFound
         );
+    if matches!(e.kind(), ErrorKind::Moved | ErrorKind::Ask) {
+        return StoreError::Backend(
+            "redis: the server is a Redis Cluster node (it answered MOVED); \
+             list the nodes under store.cluster instead of store.url"
+                .into(),
+        );
+    }
     let msg = format!("redis: {}", message(&e));
     if unavailable {
         StoreError::Unavailable(msg)
@@ -531,6 +539,18 @@ impl SessionStore for RedisStore {
 
     async fn check(&self) -> Result<(), StoreError> {
         let _: String = self.query(&redis::cmd("PING")).await?;
+        if let Conn::Single(_) = self.conn {
+            // A cluster node answers PING but MOVEs most keys elsewhere:
+            // catch that at `--test`, not on the first request.
+            let info: String = self.query(redis::cmd("INFO").arg("cluster")).await?;
+            if info.contains("cluster_enabled:1") {
+                return Err(StoreError::Backend(
+                    "redis: the server is a Redis Cluster node; list the nodes under \
+                     store.cluster instead of store.url"
+                        .into(),
+                ));
+            }
+        }
         Ok(())
     }
 }
