@@ -225,6 +225,8 @@ fn parse_store(value: Value) -> Result<StoreSettings, ConfigError> {
     };
     let kind = match map.remove("type") {
         Some(Value::String(s)) => s,
+        // YAML reads a bare `type: null` as the null value, not the string.
+        Some(Value::Null) => "null".to_string(),
         Some(_) => return Err(ConfigError::new("store.type", "expected a string")),
         None => return Err(ConfigError::new("store.type", "required key is missing")),
     };
@@ -241,7 +243,14 @@ fn parse_store(value: Value) -> Result<StoreSettings, ConfigError> {
             "must be greater than zero",
         ));
     }
-    let backend = crate::store::StoreConfig::parse(&kind, Value::Mapping(map))?;
+    #[allow(unused_mut)]
+    let mut backend = crate::store::StoreConfig::parse(&kind, Value::Mapping(map))?;
+    // A dead database should fail a request within its budget, not wait
+    // for a pooled connection longer than that.
+    #[cfg(feature = "sql")]
+    if let crate::store::StoreConfig::Sql(sql) = &mut backend {
+        sql.acquire_timeout = common.timeout.max(Duration::from_millis(250));
+    }
     Ok(StoreSettings {
         backend,
         timeout: common.timeout,
