@@ -473,3 +473,181 @@ async fn concurrent_updates_from_several_gateways_lose_nothing() {
         assert_eq!(data.get(&format!("k{i}")), Some(&json!(i)), "lost k{i}");
     }
 }
+
+/// A private CA, a server certificate for 127.0.0.1 and a client
+/// certificate, made with the `openssl` command in `dir`.
+fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the TLS test needs the `openssl` command (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sgw-test-ca",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    // Extensions make the client certificate X.509 v3 too: rustls refuses
+    // v1 certificates.
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for name in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN=sgw-test-{name}"),
+        ]);
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &*format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &*format!("{name}.crt"),
+            "-days",
+            "2",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(["-extfile".to_string(), format!("{name}.ext")]);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
+}
+
+/// `rediss://` against a server whose certificate comes from a private CA
+/// and which requires client certificates (mutual TLS).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_private_ca_and_client_certificate() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
+    let tls_port = common::free_port().to_string();
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &p("server.crt"),
+        "--tls-key-file",
+        &p("server.key"),
+        "--tls-ca-cert-file",
+        &p("ca.crt"),
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    let url = format!("rediss://127.0.0.1:{tls_port}/0");
+    let yaml = format!(
+        "{{type: redis, url: \"{url}\", tls_ca_file: \"{}\", tls_cert_file: \"{}\", tls_key_file: \"{}\"}}",
+        p("ca.crt"),
+        p("client.crt"),
+        p("client.key")
+    );
+    let s = setup(StoreFixture::new(yaml, (server, certs)), |b| b).await;
+    let b = Browser::new(&s.gw);
+    assert_eq!(b.patch("/", json!({"over": "tls"})).await.status, 200);
+    assert_eq!(b.get("/", &[]).await.session(), json!({"over": "tls"}));
+
+    // Without the private CA the server's certificate is not trusted, and
+    // without a client certificate the server refuses us: both fail --test
+    // in one line naming store.url.
+    let config = std::fs::read_to_string(&s.gw.config_path).unwrap();
+    for (drop_key, label) in [
+        ("tls_ca_file", "no CA"),
+        ("tls_cert_file", "no client cert"),
+    ] {
+        let mut value: serde_yaml::Value = serde_yaml::from_str(&config).unwrap();
+        let store = value["store"].as_mapping_mut().unwrap();
+        store.remove(drop_key);
+        if drop_key == "tls_cert_file" {
+            store.remove("tls_key_file");
+        }
+        let path = s.gw.dir().join(format!("{drop_key}.yaml"));
+        std::fs::write(&path, serde_yaml::to_string(&value).unwrap()).unwrap();
+        let (code, out, err) = run_cli(&["-c", path.to_str().unwrap(), "--test"], s.gw.dir());
+        assert_ne!(code, 0, "{label}: accepted\n{out}");
+        assert!(err.starts_with("error: store.url:"), "{label}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{label}: {err}");
+    }
+}
+
+#[test]
+fn tls_files_are_checked_at_config_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ca.pem");
+    std::fs::write(
+        &pem,
+        "-----BEGIN CERTIFICATE-----\nx\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let not_pem = dir.path().join("ca.txt");
+    std::fs::write(&not_pem, "hello").unwrap();
+    let err = |yaml: String| {
+        RedisConfig::parse(serde_yaml::from_str(&yaml).unwrap())
+            .unwrap_err()
+            .to_string()
+    };
+    let e = err(format!(
+        "{{url: \"redis://127.0.0.1/0\", tls_ca_file: {:?}}}",
+        pem
+    ));
+    assert!(
+        e.starts_with("store.tls_ca_file: only used with rediss://"),
+        "{e}"
+    );
+    let e = err(format!(
+        "{{url: \"rediss://127.0.0.1/0\", tls_ca_file: {:?}}}",
+        not_pem
+    ));
+    assert!(
+        e.starts_with("store.tls_ca_file:") && e.contains("not a PEM file"),
+        "{e}"
+    );
+    let e = err("{url: \"rediss://127.0.0.1/0\", tls_ca_file: /nonexistent/ca.pem}".to_string());
+    assert!(e.starts_with("store.tls_ca_file: cannot read"), "{e}");
+    let e = err(format!(
+        "{{url: \"rediss://127.0.0.1/0\", tls_cert_file: {:?}}}",
+        pem
+    ));
+    assert!(e.starts_with("store.tls_key_file: required"), "{e}");
+    let ok = RedisConfig::parse(
+        serde_yaml::from_str(&format!(
+            "{{url: \"rediss://127.0.0.1/0\", tls_ca_file: {:?}}}",
+            pem
+        ))
+        .unwrap(),
+    );
+    assert!(ok.is_ok());
+}

@@ -75,6 +75,9 @@ return 1
 #[derive(Clone)]
 pub struct RedisConfig {
     target: Target,
+    /// PEM material for `rediss://` beyond the public roots (private CA,
+    /// client certificate for mutual TLS), read at config time.
+    tls: Option<redis::TlsCertificates>,
 }
 
 #[derive(Clone)]
@@ -97,6 +100,29 @@ struct RawConfig {
     url: Option<String>,
     #[serde(default)]
     cluster: Option<Vec<String>>,
+    /// PEM CA certificate(s) to verify the server with, instead of the
+    /// public roots (a private CA).
+    #[serde(default)]
+    tls_ca_file: Option<std::path::PathBuf>,
+    /// PEM client certificate and key, for servers that require mutual TLS
+    /// (`tls-auth-clients yes`).
+    #[serde(default)]
+    tls_cert_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    tls_key_file: Option<std::path::PathBuf>,
+}
+
+/// Read one PEM file named by `key`, refusing anything that is not PEM.
+fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
+    let bytes = std::fs::read(path)
+        .map_err(|e| ConfigError::new(key, format!("cannot read {}: {e}", path.display())))?;
+    if !bytes.windows(11).any(|w| w == b"-----BEGIN ") {
+        return Err(ConfigError::new(
+            key,
+            format!("{} is not a PEM file", path.display()),
+        ));
+    }
+    Ok(bytes)
 }
 
 /// Manual so that a `{:?}` of the config never prints a password.
@@ -119,6 +145,7 @@ impl RedisConfig {
     /// exactly one of `url` and `cluster`.
     pub fn parse(rest: Yaml) -> Result<Self, ConfigError> {
         let raw: RawConfig = deserialize_at(rest, "store")?;
+        let tls = Self::parse_tls(&raw)?;
         let target = match (raw.url, raw.cluster) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(
@@ -170,7 +197,55 @@ impl RedisConfig {
                 Target::Cluster { urls, shown }
             }
         };
-        Ok(RedisConfig { target })
+        if tls.is_some() {
+            let tls_urls = match &target {
+                Target::Single { url, .. } => url.to_ascii_lowercase().starts_with("rediss://"),
+                Target::Cluster { urls, .. } => {
+                    urls[0].to_ascii_lowercase().starts_with("rediss://")
+                }
+            };
+            if !tls_urls {
+                let key = if raw.tls_ca_file.is_some() {
+                    "store.tls_ca_file"
+                } else {
+                    "store.tls_cert_file"
+                };
+                return Err(ConfigError::new(key, "only used with rediss:// (TLS) URLs"));
+            }
+        }
+        Ok(RedisConfig { target, tls })
+    }
+
+    fn parse_tls(raw: &RawConfig) -> Result<Option<redis::TlsCertificates>, ConfigError> {
+        let root_cert = match &raw.tls_ca_file {
+            Some(p) => Some(read_pem("store.tls_ca_file", p)?),
+            None => None,
+        };
+        let client_tls = match (&raw.tls_cert_file, &raw.tls_key_file) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read_pem("store.tls_cert_file", c)?,
+                client_key: read_pem("store.tls_key_file", k)?,
+            }),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(ConfigError::new(
+                    "store.tls_key_file",
+                    "required with store.tls_cert_file",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(ConfigError::new(
+                    "store.tls_cert_file",
+                    "required with store.tls_key_file",
+                ))
+            }
+        };
+        Ok(
+            (root_cert.is_some() || client_tls.is_some()).then_some(redis::TlsCertificates {
+                client_tls,
+                root_cert,
+            }),
+        )
     }
 
     /// The YAML key to name when Redis cannot be reached.
@@ -224,7 +299,7 @@ fn check_url(key: &str, raw: &str) -> Result<(String, redis::ConnectionInfo), Co
         return Err(ConfigError::new(
             key,
             "a #fragment is not supported: rediss:// always verifies the server's certificate \
-             against the public (webpki) root certificates",
+             (against the public roots, or store.tls_ca_file for a private CA)",
         ));
     }
     let info = raw
@@ -267,7 +342,11 @@ impl RedisStore {
     pub async fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
         let conn = match &config.target {
             Target::Single { url, .. } => {
-                let client = redis::Client::open(url.as_str()).map_err(map_err)?;
+                let client = match &config.tls {
+                    Some(certs) => redis::Client::build_with_tls(url.as_str(), certs.clone()),
+                    None => redis::Client::open(url.as_str()),
+                }
+                .map_err(map_err)?;
                 // No reconnect retries inside the manager: a failed
                 // reconnect is retried on the next command anyway, and a
                 // back-off here would keep failing requests for seconds
@@ -287,7 +366,11 @@ impl RedisStore {
                 // a node being replaced; a node that is down should fail
                 // its requests quickly (the engine applies on_store_error)
                 // rather than hold them until store.timeout.
-                let client = ClusterClient::builder(urls.iter().map(String::as_str))
+                let mut builder = ClusterClient::builder(urls.iter().map(String::as_str));
+                if let Some(certs) = &config.tls {
+                    builder = builder.certs(certs.clone());
+                }
+                let client = builder
                     .connection_timeout(CONNECT_TIMEOUT)
                     .response_timeout(RESPONSE_TIMEOUT)
                     .retries(3)
