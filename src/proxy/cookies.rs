@@ -4,6 +4,7 @@
 use crate::config::{CookieSettings, SameSite};
 use cookie::time::{Duration as CookieDuration, OffsetDateTime};
 use cookie::Cookie;
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The session cookie as the client sent it.
@@ -101,14 +102,87 @@ pub fn set_cookie(
     permanent: bool,
     lifetime: Duration,
 ) -> String {
+    set_cookie_at(
+        settings,
+        value,
+        permanent,
+        lifetime,
+        OffsetDateTime::now_utc(),
+    )
+}
+
+fn set_cookie_at(
+    settings: &CookieSettings,
+    value: String,
+    permanent: bool,
+    lifetime: Duration,
+    now: OffsetDateTime,
+) -> String {
     let mut b = base(settings, value);
     if permanent {
         let secs = i64::try_from(lifetime.as_secs()).unwrap_or(i64::MAX / 2);
         b = b
             .max_age(CookieDuration::seconds(secs))
-            .expires(OffsetDateTime::now_utc() + CookieDuration::seconds(secs));
+            .expires(now + CookieDuration::seconds(secs));
     }
     b.build().to_string()
+}
+
+/// Builds the same `Set-Cookie` values as [`set_cookie`] for one cookie
+/// configuration, but formats the attributes (which change only through
+/// `Expires`, once a second) once per second instead of on every response:
+/// with `refresh_each_request` every response sets the cookie, and the
+/// date formatting was a visible share of a request's CPU.
+pub struct SetCookieCache {
+    settings: CookieSettings,
+    lifetime: Duration,
+    /// `; HttpOnly; ...` of a browser-session cookie (never changes).
+    transient: String,
+    /// The unix second and the attributes of a permanent cookie then.
+    permanent: Mutex<(i64, String)>,
+}
+
+impl SetCookieCache {
+    pub fn new(settings: &CookieSettings, lifetime: Duration) -> Self {
+        SetCookieCache {
+            transient: Self::suffix(settings, false, lifetime, OffsetDateTime::UNIX_EPOCH),
+            settings: settings.clone(),
+            lifetime,
+            permanent: Mutex::new((i64::MIN, String::new())),
+        }
+    }
+
+    /// Everything after `name=value`, exactly as the cookie crate writes it.
+    fn suffix(
+        settings: &CookieSettings,
+        permanent: bool,
+        lifetime: Duration,
+        now: OffsetDateTime,
+    ) -> String {
+        let full = set_cookie_at(settings, String::new(), permanent, lifetime, now);
+        full[settings.name.len() + 1..].to_string()
+    }
+
+    /// `Set-Cookie` for `value`, identical to [`set_cookie`] at this second.
+    pub fn set_cookie(&self, value: &str, permanent: bool) -> String {
+        let name = &self.settings.name;
+        let mut out = String::with_capacity(name.len() + 1 + value.len() + 160);
+        out.push_str(name);
+        out.push('=');
+        out.push_str(value);
+        if !permanent {
+            out.push_str(&self.transient);
+            return out;
+        }
+        let now = OffsetDateTime::now_utc().unix_timestamp();
+        let mut cached = self.permanent.lock().unwrap_or_else(|p| p.into_inner());
+        if cached.0 != now {
+            let at = OffsetDateTime::from_unix_timestamp(now).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+            *cached = (now, Self::suffix(&self.settings, true, self.lifetime, at));
+        }
+        out.push_str(&cached.1);
+        out
+    }
 }
 
 /// `Set-Cookie` that makes the browser drop the session cookie.
@@ -160,6 +234,30 @@ mod tests {
         );
         let only: &[u8] = b"session=x";
         assert_eq!(without([only].into_iter(), "session"), None);
+    }
+
+    #[test]
+    fn cached_set_cookie_matches_the_cookie_crate() {
+        let lifetime = Duration::from_secs(3600);
+        let mut plain = settings();
+        plain.domain = None;
+        plain.secure = false;
+        plain.same_site = SameSite::Lax;
+        for s in [settings(), plain] {
+            let cache = SetCookieCache::new(&s, lifetime);
+            for permanent in [true, false] {
+                // Retry across a second boundary: both must see the same second.
+                let (fast, slow) = loop {
+                    let before = OffsetDateTime::now_utc().unix_timestamp();
+                    let fast = cache.set_cookie("v.s", permanent);
+                    let slow = set_cookie(&s, "v.s".into(), permanent, lifetime);
+                    if OffsetDateTime::now_utc().unix_timestamp() == before {
+                        break (fast, slow);
+                    }
+                };
+                assert_eq!(fast, slow);
+            }
+        }
     }
 
     #[test]

@@ -80,6 +80,7 @@ pub struct SessionEngine {
     pub session: SessionSettings,
     pub cookie: CookieSettings,
     verifier: CookieVerifier,
+    set_cookie: cookies::SetCookieCache,
     store: StoreHandle,
     timeout: Duration,
     retries: u32,
@@ -91,6 +92,7 @@ impl SessionEngine {
             session: config.session.clone(),
             cookie: config.cookie.clone(),
             verifier: CookieVerifier::new(&config.keys, config.session.id_bytes),
+            set_cookie: cookies::SetCookieCache::new(&config.cookie, config.session.lifetime),
             store,
             timeout: config.store.timeout,
             retries: config.store.retries,
@@ -207,12 +209,8 @@ impl SessionEngine {
     }
 
     fn cookie_for(&self, id: &SessionId, permanent: bool) -> String {
-        cookies::set_cookie(
-            &self.cookie,
-            self.verifier.sign(id),
-            permanent,
-            self.session.lifetime,
-        )
+        self.set_cookie
+            .set_cookie(&self.verifier.sign(id), permanent)
     }
 
     fn store_failure(&self, request_id: &str, what: &str, e: StoreError) -> Failure {
@@ -379,8 +377,9 @@ impl SessionEngine {
             return Ok(gone());
         }
 
-        let mut record = loaded.record.clone();
-        let mut modified = false;
+        // The loaded record is only read from here on; a read-only request
+        // (the common case) must not pay for copying it.
+        let mut written: Option<SessionRecord> = None;
         if d.modifies_record() {
             let f = |current: SessionRecord| self.apply(current, d);
             let outcome = self
@@ -391,10 +390,7 @@ impl SessionEngine {
                 .await
                 .map_err(|e| self.store_failure(request_id, "update", e))?;
             match outcome {
-                UpdateOutcome::Written(r) => {
-                    record = r;
-                    modified = true;
-                }
+                UpdateOutcome::Written(r) => written = Some(r),
                 UpdateOutcome::Deleted => return Ok(gone()),
                 UpdateOutcome::Missing => {
                     // Destroyed or expired while this request ran: the write
@@ -408,7 +404,9 @@ impl SessionEngine {
             }
         }
 
-        let mut id = id.clone();
+        let mut modified = written.is_some();
+        let record = written.as_ref().unwrap_or(&loaded.record);
+        let mut regenerated: Option<SessionId> = None;
         if d.regenerate {
             // New key first, then delete the old one: a failure in between
             // leaves both, never neither.
@@ -418,7 +416,7 @@ impl SessionEngine {
                 let new_key = self.key(&candidate);
                 let created = self
                     .call(false, |s| {
-                        let (k, r) = (&new_key, &record);
+                        let (k, r) = (&new_key, record);
                         async move { s.create(k, r, self.session.lifetime).await }
                     })
                     .await
@@ -442,13 +440,14 @@ impl SessionEngine {
             .await
             .map_err(|e| self.store_failure(request_id, "regenerate", e))?;
             tracing::debug!(request_id, "session id regenerated");
-            id = new_id;
+            regenerated = Some(new_id);
             modified = true;
         }
+        let id = regenerated.as_ref().unwrap_or(id);
 
         if modified {
             return Ok(CommitResult {
-                set_cookie: Some(self.cookie_for(&id, record.permanent)),
+                set_cookie: Some(self.cookie_for(id, record.permanent)),
                 vary_cookie: true,
             });
         }
@@ -478,7 +477,7 @@ impl SessionEngine {
             }
         }
         Ok(CommitResult {
-            set_cookie: Some(self.cookie_for(&id, true)),
+            set_cookie: Some(self.cookie_for(id, true)),
             vary_cookie: true,
         })
     }

@@ -48,6 +48,9 @@ pub struct SessionProxy {
     next_upstream: AtomicUsize,
     connect_timeout: Duration,
     read_timeout: Option<Duration>,
+    /// `session.header` as pingora takes it, built once: cloning it per
+    /// request is a reference count, not an allocation and a copy.
+    data_header: Bytes,
 }
 
 impl SessionProxy {
@@ -58,6 +61,7 @@ impl SessionProxy {
         read_timeout: Option<Duration>,
     ) -> Self {
         SessionProxy {
+            data_header: Bytes::from(engine.session.headers.data.clone()),
             engine,
             upstreams,
             next_upstream: AtomicUsize::new(0),
@@ -114,6 +118,10 @@ async fn send_plain(
 /// Mark a response that sets the session cookie as private to the client:
 /// shared caches must not store it.
 fn make_private(resp: &mut ResponseHeader) -> Result<()> {
+    // The common case (the app said nothing about caching) needs no parsing.
+    if !resp.headers.contains_key(http::header::CACHE_CONTROL) {
+        return resp.insert_header("Cache-Control", "private");
+    }
     let mut directives: Vec<String> = Vec::new();
     for v in resp.headers.get_all(http::header::CACHE_CONTROL) {
         for d in String::from_utf8_lossy(v.as_bytes()).split(',') {
@@ -272,7 +280,7 @@ impl ProxyHttp for SessionProxy {
         }
         let state = ctx.state.as_ref();
         if let Some(value) = state.and_then(|s| s.header_value()) {
-            upstream_request.insert_header(names.data.clone(), value)?;
+            upstream_request.insert_header(self.data_header.clone(), value)?;
         }
         if matches!(state, Some(SessionState::Unavailable)) {
             upstream_request.insert_header(names.error.clone(), "store-unavailable")?;
