@@ -1,0 +1,443 @@
+//! `cargo bench --bench load`: what a session costs. Starts a tiny app and
+//! the real gateway binary (one proxy thread), drives keep-alive HTTP/1.1
+//! load with a cookie per virtual client, and reports per store and
+//! scenario: requests/s, latency percentiles, errors, gateway CPU per
+//! request, peak RSS, and the ratio to the baseline of the same run (the
+//! same binary with sessions off for every path), so the ratio isolates the
+//! session cost from the machine. Results go to a table and to JSON under
+//! `<target>/bench-results/`. `-- --help` lists the options.
+
+mod client;
+mod hist;
+mod options;
+mod procs;
+mod procstat;
+mod report;
+mod stores;
+mod upstream;
+mod work;
+
+use client::{ConnPlan, Tally};
+use options::Options;
+use report::Outcome;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use stores::StoreEnv;
+use tokio::time::Instant;
+use upstream::Upstream;
+
+const SECRET: &str = "bench-secret-key-0123456789abcdef-0123456789";
+
+/// One load shape.
+#[derive(Clone, Debug)]
+pub struct Scenario {
+    pub name: String,
+    pub connections: usize,
+    pub size: usize,
+    pub write_ratio: f64,
+    /// No cookie; every request creates a session.
+    pub new_visitors: bool,
+}
+
+fn scenarios(o: &Options) -> Vec<Scenario> {
+    let sc = |name: &str, connections, size, write_ratio, new_visitors| Scenario {
+        name: name.to_string(),
+        connections,
+        size,
+        write_ratio,
+        new_visitors,
+    };
+    o.scenarios
+        .iter()
+        .map(|name| match name.as_str() {
+            "read" => sc(name, o.connections, o.size, 0.0, false),
+            "write" => sc(name, o.connections, o.size, o.write_ratio, false),
+            "new" => sc(name, o.connections, o.size, 0.0, true),
+            "read-4k" => sc(name, o.connections, o.large_size, 0.0, false),
+            _ => sc(name, o.high_connections, o.size, 0.0, false),
+        })
+        .collect()
+}
+
+/// Does `store` run `scenario`? The baseline's read-4k is its read (the
+/// session size does not exist for it), and read-c256 runs only for the
+/// stores asked for.
+fn runs(o: &Options, store: &str, scenario: &Scenario) -> bool {
+    match scenario.name.as_str() {
+        "read-4k" => store != "baseline" || !o.scenarios.iter().any(|s| s == "read"),
+        "read-c256" => o.c256_stores.iter().any(|s| s == store),
+        _ => true,
+    }
+}
+
+fn gateway_yaml(env: &StoreEnv, o: &Options, upstream: u16, port: u16, prefix: &str) -> String {
+    let max_bytes = 8192.max(o.large_size.max(o.size) + 1024);
+    let exclude = if env.sessions_off {
+        ", exclude: [\"/\"]"
+    } else {
+        ""
+    };
+    format!(
+        "listen: \"127.0.0.1:{port}\"\n\
+         upstream: \"127.0.0.1:{upstream}\"\n\
+         secret_keys: [\"{SECRET}\"]\n\
+         log_level: error\n\
+         server: {{threads: {}, grace_period: 1s}}\n\
+         session: {{key_prefix: \"{prefix}\", max_bytes: {max_bytes}{exclude}}}\n\
+         store: {}\n",
+        o.gateway_threads, env.yaml
+    )
+}
+
+/// A cookie that looks like ours (same length) for the baseline, where the
+/// gateway never verifies it, only strips it.
+fn fake_cookie(i: usize) -> String {
+    let id = format!("{:0>43}", format!("bench{i}"));
+    format!("session={id}.{}", "s".repeat(43))
+}
+
+struct Ctx<'a> {
+    o: &'a Options,
+    upstream: &'a Upstream,
+    dir: &'a Path,
+    run_id: &'a str,
+}
+
+/// Run one scenario against one store on a fresh gateway process.
+async fn run_one(
+    cx: &Ctx<'_>,
+    env: &StoreEnv,
+    sc: &Scenario,
+    seq: usize,
+) -> Result<Outcome, String> {
+    let o = cx.o;
+    let gw_dir = tempfile::Builder::new()
+        .prefix(&format!("{}-{}-", env.name, sc.name))
+        .tempdir_in(cx.dir)
+        .map_err(|e| format!("temp dir: {e}"))?;
+    let port = procs::free_port();
+    let prefix = format!("bench:{}:{seq}:", cx.run_id);
+    let config = gw_dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        gateway_yaml(env, o, cx.upstream.port, port, &prefix),
+    )
+    .map_err(|e| format!("write config: {e}"))?;
+    let mut gateway = procs::start_gateway(&config, gw_dir.path(), port)?;
+    let pid = gateway.pid();
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    // Sessions first (not measured): one per virtual client.
+    let cookies: Vec<Vec<String>> = if sc.new_visitors {
+        vec![Vec::new(); sc.connections]
+    } else if env.sessions_off {
+        (0..sc.connections)
+            .map(|c| {
+                (0..o.clients)
+                    .map(|i| fake_cookie(c * o.clients + i))
+                    .collect()
+            })
+            .collect()
+    } else {
+        client::precreate(
+            addr,
+            sc.connections,
+            o.clients,
+            sc.size,
+            Duration::from_secs(120),
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "creating {} sessions failed: {e}\n{}",
+                sc.connections * o.clients,
+                procs::tail(&gateway.log, 5)
+            )
+        })?
+    };
+    let plans: Vec<ConnPlan> = cookies
+        .iter()
+        .map(|cs| {
+            if sc.new_visitors {
+                let req = client::get(addr, &format!("/p/{}", sc.size), None);
+                ConnPlan {
+                    reads: vec![req.clone()],
+                    writes: vec![req],
+                    write_ratio: 0.0,
+                }
+            } else {
+                ConnPlan {
+                    reads: cs
+                        .iter()
+                        .map(|c| client::get(addr, "/r", Some(c)))
+                        .collect(),
+                    writes: cs
+                        .iter()
+                        .map(|c| client::get(addr, "/w", Some(c)))
+                        .collect(),
+                    write_ratio: sc.write_ratio,
+                }
+            }
+        })
+        .collect();
+
+    if let Some(hold) = o.hold {
+        println!(
+            "holding {} / {} for {hold:?}: http://{addr}/r  gateway pid {pid}  upstream port {}  log {}\n  \
+             e.g. wrk -c {} -d 10s -H 'Cookie: {}' http://{addr}/r",
+            env.name,
+            sc.name,
+            cx.upstream.port,
+            gateway.log.display(),
+            sc.connections,
+            cookies
+                .first()
+                .and_then(|c| c.first())
+                .map_or("session=none", |c| c.as_str()),
+        );
+        tokio::time::sleep(hold).await;
+        return Err("held, not measured".into());
+    }
+    let start = Instant::now() + o.warmup;
+    let end = start + o.duration;
+    let stats = cx.upstream.stats.clone();
+    let sampler = tokio::spawn(async move {
+        let me = std::process::id();
+        tokio::time::sleep_until(start).await;
+        let at_start = (
+            procstat::cpu_time(pid),
+            procstat::cpu_time(me),
+            stats
+                .reads_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            stats
+                .with_session
+                .load(std::sync::atomic::Ordering::Relaxed),
+            std::time::Instant::now(),
+        );
+        tokio::time::sleep_until(end).await;
+        let at_end = (
+            procstat::cpu_time(pid),
+            procstat::cpu_time(me),
+            stats
+                .reads_writes
+                .load(std::sync::atomic::Ordering::Relaxed),
+            stats
+                .with_session
+                .load(std::sync::atomic::Ordering::Relaxed),
+            std::time::Instant::now(),
+        );
+        (at_start, at_end)
+    });
+    let tasks: Vec<_> = plans
+        .into_iter()
+        .map(|plan| tokio::spawn(client::drive(addr, plan, start, end)))
+        .collect();
+    let mut tally = Tally::default();
+    for t in tasks {
+        tally.merge(t.await.map_err(|e| format!("load task failed: {e}"))?);
+    }
+    let (s0, s1) = sampler.await.map_err(|e| format!("sampler failed: {e}"))?;
+    let peak_rss_kib = procstat::peak_rss_kib(pid);
+    if !gateway.alive() {
+        return Err(format!(
+            "the gateway died during the run:\n{}",
+            procs::tail(&gateway.log, 10)
+        ));
+    }
+    drop(gateway);
+
+    let wall = (s1.4 - s0.4).as_secs_f64();
+    let requests = tally.latency.count();
+    let cpu = |a: Option<Duration>, b: Option<Duration>| match (a, b) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a).as_secs_f64()),
+        _ => None,
+    };
+    let gw_cpu = cpu(s0.0, s1.0);
+    let client_cpu = cpu(s0.1, s1.1);
+    let upstream_reads = s1.2 - s0.2;
+    let with_session = s1.3 - s0.3;
+    let us = |q: f64| tally.latency.quantile(q) as f64 / 1000.0;
+    Ok(Outcome {
+        store: env.name.clone(),
+        scenario: sc.name.clone(),
+        connections: sc.connections,
+        session_bytes: if env.sessions_off { 0 } else { sc.size },
+        write_ratio: sc.write_ratio,
+        new_visitors: sc.new_visitors,
+        sessions: if sc.new_visitors || env.sessions_off {
+            0
+        } else {
+            sc.connections * o.clients
+        },
+        seconds: wall,
+        requests,
+        writes: tally.writes,
+        rps: requests as f64 / wall,
+        p50_us: us(0.5),
+        p99_us: us(0.99),
+        p999_us: us(0.999),
+        max_us: tally.latency.max() as f64 / 1000.0,
+        mean_us: tally.latency.mean() / 1000.0,
+        errors: tally.errors,
+        first_error: tally.first_error,
+        gateway_cpu_us_per_req: gw_cpu
+            .filter(|_| requests > 0)
+            .map(|c| c * 1e6 / requests as f64),
+        gateway_cpu_cores: gw_cpu.map(|c| c / wall),
+        client_cpu_cores: client_cpu.map(|c| c / wall),
+        peak_rss_mib: peak_rss_kib.map(|k| k as f64 / 1024.0),
+        session_hit_ratio: (!sc.new_visitors && !env.sessions_off && upstream_reads > 0)
+            .then(|| with_session as f64 / upstream_reads as f64),
+        rps_ratio: None,
+        cpu_ratio: None,
+        rps_rounds: Vec::new(),
+        p99_delta_us: None,
+    })
+}
+
+fn main() {
+    let options = match Options::parse(std::env::args().skip(1)) {
+        Ok(Some(o)) => o,
+        Ok(None) => {
+            print!("{}", options::HELP);
+            return;
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Some(path) = &options.gateway {
+        procs::set_gateway_binary(path.display().to_string());
+    }
+    if let Some((old, new)) = &options.compare {
+        std::process::exit(match report::compare(old, new) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("error: {e}");
+                1
+            }
+        });
+    }
+    let runtime = if options.client_threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(options.client_threads)
+            .enable_all()
+            .build()
+    }
+    .expect("tokio runtime");
+    // Child processes are started from this (the main) thread, so their
+    // parent-death signal fires only when the bench itself exits.
+    let code = runtime.block_on(run(options));
+    std::process::exit(code);
+}
+
+async fn run(o: Options) -> i32 {
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let run_id = format!("{started}_{}", std::process::id());
+    let dir = match tempfile::Builder::new().prefix("sgw-bench-").tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("error: temp dir: {e}");
+            return 1;
+        }
+    };
+    let machine = report::Machine::read();
+    println!("{}", machine.describe(&o));
+    let upstream = match Upstream::start().await {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("error: cannot start the upstream: {e}");
+            return 1;
+        }
+    };
+
+    // Every store is prepared and checked (`--test`) once, up front; one
+    // that fails is reported and skipped, the others go on.
+    let mut envs: Vec<StoreEnv> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    for name in &o.stores {
+        let env = stores::prepare(name, dir.path(), &run_id).and_then(|env| {
+            let check_dir = dir.path().join(format!("check-{name}"));
+            std::fs::create_dir_all(&check_dir).map_err(|e| e.to_string())?;
+            let config = check_dir.join("gateway.yaml");
+            let yaml = gateway_yaml(&env, &o, upstream.port, procs::free_port(), "bench:check:");
+            std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+            procs::check_config(&config, &check_dir)?;
+            Ok(env)
+        });
+        match env {
+            Ok(env) => envs.push(env),
+            Err(e) => {
+                println!("store {name}: SKIPPED: {e}");
+                skipped.push((name.clone(), e));
+            }
+        }
+    }
+
+    let cx = Ctx {
+        o: &o,
+        upstream: &upstream,
+        dir: dir.path(),
+        run_id: &run_id,
+    };
+    println!();
+    println!("{}", report::progress_header());
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut failures: Vec<(String, String, String)> = Vec::new();
+    let mut seq = 0;
+    // Scenario by scenario, the baseline right before the stores: a change
+    // in background load hits both sides of each ratio alike.
+    for _round in 0..o.rounds {
+        for sc in scenarios(&o) {
+            for env in &envs {
+                if !runs(&o, &env.name, &sc) {
+                    continue;
+                }
+                seq += 1;
+                match run_one(&cx, env, &sc, seq).await {
+                    Ok(out) => {
+                        println!("{}", report::progress_line(&out));
+                        outcomes.push(out);
+                    }
+                    Err(e) => {
+                        println!("{:<10} {:<9} FAILED: {e}", env.name, sc.name);
+                        failures.push((env.name.clone(), sc.name.clone(), e));
+                    }
+                }
+            }
+        }
+    }
+    let mut outcomes = report::median_of_rounds(outcomes);
+    for env in &envs {
+        if let Some((url, table)) = &env.sql_table {
+            stores::drop_table(url, table).await;
+        }
+    }
+    drop(envs);
+
+    report::relate_to_baseline(&mut outcomes);
+    let pure_ns = work::verify_decode_encode_ns(1024);
+    let targets = report::targets(&outcomes, pure_ns, &o);
+    println!();
+    report::print_table(&outcomes, &o);
+    println!();
+    report::print_targets(&targets, pure_ns);
+    let json = report::to_json(
+        &machine, &o, started, &outcomes, &skipped, &failures, &targets, pure_ns,
+    );
+    match report::write_json(&o, started, &json) {
+        Ok(paths) => println!("\nresults: {paths}"),
+        Err(e) => eprintln!("error: writing results: {e}"),
+    }
+    0
+}

@@ -1,0 +1,192 @@
+//! Child processes of the bench: the gateway under test (the same binary
+//! users run, built by `cargo bench`) and a private `redis-server`. Every
+//! child is killed on drop and also when the bench process dies
+//! (`PR_SET_PDEATHSIG`), so an interrupted run leaves nothing behind.
+
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The gateway under test: the binary `cargo bench` built (the same one
+/// users run), unless `--gateway PATH` chose another build to compare.
+pub fn gateway_binary() -> &'static str {
+    GATEWAY
+        .get()
+        .map(String::as_str)
+        .unwrap_or(env!("CARGO_BIN_EXE_session-gateway"))
+}
+
+static GATEWAY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Use `path` as the gateway binary for this run.
+pub fn set_gateway_binary(path: String) {
+    let _ = GATEWAY.set(path);
+}
+
+/// A free loopback port (bound and released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral loopback port")
+}
+
+/// Spawn with the child dying with us; stdout and stderr go to `log`.
+fn spawn(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
+    let out = std::fs::File::create(log)?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    // SAFETY: prctl is async-signal-safe and touches only this process.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
+    cmd.spawn()
+}
+
+fn wait_listening(child: &mut Child, port: u16, within: Duration) -> Result<(), String> {
+    let deadline = Instant::now() + within;
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited with {status} at start"));
+        }
+        if Instant::now() > deadline {
+            return Err(format!("did not listen within {within:?}"));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The last `n` lines of a log file, for error reports.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// A running process, killed on drop.
+pub struct Proc {
+    child: Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Still running?
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `session-gateway -c <config> --test`: does the store start? Bounded to
+/// 30 s; the error is the gateway's own one-line message.
+pub fn check_config(config: &Path, dir: &Path) -> Result<(), String> {
+    let log = dir.join("check.log");
+    let mut child = spawn(
+        Command::new(gateway_binary())
+            .arg("-c")
+            .arg(config)
+            .arg("--test")
+            .current_dir(dir)
+            .env_remove("RUST_LOG"),
+        &log,
+    )
+    .map_err(|e| format!("cannot run {}: {e}", gateway_binary()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) if status.success() => return Ok(()),
+            Ok(Some(_)) => {
+                let text = std::fs::read_to_string(&log).unwrap_or_default();
+                let line = text
+                    .lines()
+                    .rev()
+                    .find(|l| l.starts_with("error"))
+                    .or_else(|| text.lines().last())
+                    .unwrap_or("no output")
+                    .to_string();
+                return Err(format!("`--test` failed: {line}"));
+            }
+            Ok(None) if Instant::now() > deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err("`--test` did not finish within 30s".into());
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => return Err(format!("waiting for `--test`: {e}")),
+        }
+    }
+}
+
+/// Start the gateway with the config at `config` (which must listen on
+/// `port`), working directory `dir`.
+pub fn start_gateway(config: &Path, dir: &Path, port: u16) -> Result<Proc, String> {
+    let log = dir.join("gateway.log");
+    let mut child = spawn(
+        Command::new(gateway_binary())
+            .arg("-c")
+            .arg(config)
+            .current_dir(dir)
+            .env_remove("RUST_LOG"),
+        &log,
+    )
+    .map_err(|e| format!("cannot run {}: {e}", gateway_binary()))?;
+    match wait_listening(&mut child, port, Duration::from_secs(20)) {
+        Ok(()) => Ok(Proc { child, port, log }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("gateway {e}:\n{}", tail(&log, 10)))
+        }
+    }
+}
+
+/// A private `redis-server` on a free port in `dir`: nothing saved, no
+/// append-only file. Never the shared one on 6379.
+pub fn start_redis(dir: &Path) -> Result<Proc, String> {
+    let port = free_port();
+    let log = dir.join("redis.log");
+    let mut child = spawn(
+        Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", ""])
+            .args(["--appendonly", "no"])
+            .args(["--protected-mode", "yes"])
+            .arg("--dir")
+            .arg(dir)
+            .current_dir(dir),
+        &log,
+    )
+    .map_err(|e| {
+        format!("cannot run redis-server ({e}); install it (scripts/test does: apt-get install redis-server)")
+    })?;
+    match wait_listening(&mut child, port, Duration::from_secs(10)) {
+        Ok(()) => Ok(Proc { child, port, log }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("redis-server {e}:\n{}", tail(&log, 5)))
+        }
+    }
+}

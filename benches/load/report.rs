@@ -1,0 +1,536 @@
+//! Results: the per-scenario [`Outcome`], the printed tables, the targets
+//! (PASS/MISS), the JSON files under `<target>/bench-results/`, and
+//! `--compare` of two such files.
+
+use crate::options::Options;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Outcome {
+    pub store: String,
+    pub scenario: String,
+    pub connections: usize,
+    /// Session data size (0 for the baseline).
+    pub session_bytes: usize,
+    pub write_ratio: f64,
+    pub new_visitors: bool,
+    /// Distinct live sessions the load cycled through.
+    pub sessions: usize,
+    /// Measured wall time.
+    pub seconds: f64,
+    /// 2xx responses completed inside the measured window.
+    pub requests: u64,
+    pub writes: u64,
+    pub rps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    pub max_us: f64,
+    pub mean_us: f64,
+    pub errors: u64,
+    pub first_error: Option<String>,
+    /// Gateway user+system CPU per request (all its threads).
+    pub gateway_cpu_us_per_req: Option<f64>,
+    /// Gateway CPU use in cores (1.0 = its proxy thread was saturated).
+    pub gateway_cpu_cores: Option<f64>,
+    /// CPU of the bench process (load generator + app), in cores.
+    pub client_cpu_cores: Option<f64>,
+    /// Gateway VmHWM at the end of the scenario.
+    pub peak_rss_mib: Option<f64>,
+    /// Share of app requests that arrived with session data (must be 1.0
+    /// for read scenarios: proves sessions were really loaded).
+    pub session_hit_ratio: Option<f64>,
+    /// req/s relative to the baseline of the same scenario in this run.
+    pub rps_ratio: Option<f64>,
+    /// p99 minus the baseline's p99 (same scenario, same connections).
+    pub p99_delta_us: Option<f64>,
+    /// The baseline's CPU per request over this one's: the req/s ratio to
+    /// expect where the gateway's CPU is the limit, and much steadier than
+    /// req/s on a busy machine.
+    #[serde(default)]
+    pub cpu_ratio: Option<f64>,
+    /// req/s of every round (with `--rounds`); the outcome is the median.
+    #[serde(default)]
+    pub rps_rounds: Vec<f64>,
+}
+
+/// With several rounds, keep per (store, scenario) the round with the
+/// median req/s, noting every round's req/s.
+pub fn median_of_rounds(all: Vec<Outcome>) -> Vec<Outcome> {
+    let mut groups: Vec<Vec<Outcome>> = Vec::new();
+    for r in all {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].store == r.store && g[0].scenario == r.scenario)
+        {
+            Some(g) => g.push(r),
+            None => groups.push(vec![r]),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|mut g| {
+            let rounds: Vec<f64> = g.iter().map(|r| r.rps).collect();
+            g.sort_by(|a, b| a.rps.total_cmp(&b.rps));
+            let mut median = g.swap_remove(g.len() / 2);
+            median.rps_rounds = rounds;
+            median
+        })
+        .collect()
+}
+
+pub struct Machine {
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub kernel: String,
+    pub loadavg: f64,
+    pub git: Option<String>,
+}
+
+impl Machine {
+    pub fn read() -> Self {
+        let git = std::process::Command::new("git")
+            .args(["rev-parse", "--short", "HEAD"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
+        Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpu_model: crate::procstat::cpu_model(),
+            kernel: crate::procstat::kernel(),
+            loadavg: crate::procstat::loadavg(),
+            git,
+        }
+    }
+
+    pub fn describe(&self, o: &Options) -> String {
+        format!(
+            "session-gateway load bench ({})\n\
+             machine: {} CPU(s), {}, Linux {}, load average {:.2} at start\n\
+             gateway: {} ({} proxy thread(s)); load generator + app: {} thread(s) in this process\n\
+             {} per scenario after {} warm-up; {} virtual clients per connection",
+            self.git.as_deref().unwrap_or("unknown commit"),
+            self.cpus,
+            self.cpu_model,
+            self.kernel,
+            self.loadavg,
+            crate::procs::gateway_binary(),
+            o.gateway_threads,
+            o.client_threads,
+            fmt_dur(o.duration),
+            fmt_dur(o.warmup),
+            o.clients,
+        )
+    }
+}
+
+fn fmt_dur(d: std::time::Duration) -> String {
+    format!("{:.1}s", d.as_secs_f64())
+}
+
+fn ms(us: f64) -> String {
+    format!("{:.2}", us / 1000.0)
+}
+
+fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+    v.map_or("-".into(), f)
+}
+
+pub fn progress_header() -> String {
+    format!(
+        "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>6} {:>5}",
+        "store",
+        "scenario",
+        "conns",
+        "bytes",
+        "wr%",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "p99.9",
+        "errors",
+        "µs/req",
+        "gwCPU",
+        "RSS MB",
+        "sess%"
+    )
+}
+
+pub fn progress_line(r: &Outcome) -> String {
+    format!(
+        "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9.0} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>6} {:>5}",
+        r.store,
+        r.scenario,
+        r.connections,
+        if r.new_visitors || r.session_bytes > 0 {
+            r.session_bytes.to_string()
+        } else {
+            "-".into()
+        },
+        if r.new_visitors {
+            "new".to_string()
+        } else {
+            format!("{:.0}", r.write_ratio * 100.0)
+        },
+        r.rps,
+        ms(r.p50_us),
+        ms(r.p99_us),
+        ms(r.p999_us),
+        r.errors,
+        opt(r.gateway_cpu_us_per_req, |v| format!("{v:.1}")),
+        opt(r.gateway_cpu_cores, |v| format!("{v:.2}")),
+        opt(r.peak_rss_mib, |v| format!("{v:.1}")),
+        opt(r.session_hit_ratio, |v| format!("{:.0}", v * 100.0)),
+    )
+}
+
+/// The baseline outcome a store's outcome is compared with: the same
+/// scenario, or (read-4k, which the baseline does not run) its `read` at
+/// the same number of connections.
+fn baseline_for<'a>(all: &'a [Outcome], r: &Outcome) -> Option<&'a Outcome> {
+    let base = |name: &str| {
+        all.iter()
+            .find(|b| b.store == "baseline" && b.scenario == name && b.connections == r.connections)
+    };
+    base(&r.scenario).or_else(|| base("read").filter(|_| !r.new_visitors && r.write_ratio == 0.0))
+}
+
+pub fn relate_to_baseline(all: &mut [Outcome]) {
+    let snapshot = all.to_vec();
+    for r in all.iter_mut() {
+        if let Some(b) = baseline_for(&snapshot, r) {
+            if b.rps > 0.0 {
+                r.rps_ratio = Some(r.rps / b.rps);
+            }
+            r.p99_delta_us = Some(r.p99_us - b.p99_us);
+            if let (Some(mine), Some(base)) = (r.gateway_cpu_us_per_req, b.gateway_cpu_us_per_req) {
+                r.cpu_ratio = Some(base / mine);
+            }
+        }
+    }
+}
+
+pub fn print_table(all: &[Outcome], o: &Options) {
+    println!(
+        "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>5}",
+        "store",
+        "scenario",
+        "conns",
+        "bytes",
+        "wr%",
+        "req/s",
+        "ratio",
+        "cpu",
+        "p50 ms",
+        "p99 ms",
+        "Δp99",
+        "p99.9",
+        "errors",
+        "µs/req",
+        "RSS MB",
+        "sess%"
+    );
+    for name in &o.scenarios {
+        for r in all.iter().filter(|r| &r.scenario == name) {
+            println!(
+                "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9.0} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>5}",
+                r.store,
+                r.scenario,
+                r.connections,
+                if r.session_bytes > 0 {
+                    r.session_bytes.to_string()
+                } else {
+                    "-".into()
+                },
+                if r.new_visitors {
+                    "new".to_string()
+                } else {
+                    format!("{:.0}", r.write_ratio * 100.0)
+                },
+                r.rps,
+                opt(r.rps_ratio, |v| format!("{:.0}%", v * 100.0)),
+                opt(r.cpu_ratio, |v| format!("{:.0}%", v * 100.0)),
+                ms(r.p50_us),
+                ms(r.p99_us),
+                opt(r.p99_delta_us, |v| format!("{:+.2}", v / 1000.0)),
+                ms(r.p999_us),
+                r.errors,
+                opt(r.gateway_cpu_us_per_req, |v| format!("{v:.1}")),
+                opt(r.peak_rss_mib, |v| format!("{v:.1}")),
+                opt(r.session_hit_ratio, |v| format!("{:.0}", v * 100.0)),
+            );
+        }
+    }
+    println!(
+        "ratio: req/s as a share of the baseline's (same gateway, sessions off, same run); cpu: the baseline's CPU per request over this one's; Δp99: p99 minus the baseline's p99 (ms); \
+         µs/req: gateway CPU per request; RSS: gateway peak (VmHWM); sess%: app requests that carried the session"
+    );
+    for r in all.iter().filter(|r| r.errors > 0) {
+        println!(
+            "note: {} / {}: {} error(s), first: {}",
+            r.store,
+            r.scenario,
+            r.errors,
+            r.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    for r in all
+        .iter()
+        .filter(|r| r.session_hit_ratio.is_some_and(|h| h < 0.999))
+    {
+        println!(
+            "warning: {} / {}: only {:.1}% of requests reached the app with their session",
+            r.store,
+            r.scenario,
+            r.session_hit_ratio.unwrap_or(0.0) * 100.0
+        );
+    }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Target {
+    pub name: String,
+    pub measured: String,
+    /// `PASS`, `MISS` or `NOT RUN`.
+    pub status: &'static str,
+}
+
+fn status(pass: bool) -> &'static str {
+    if pass {
+        "PASS"
+    } else {
+        "MISS"
+    }
+}
+
+pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
+    let mut t = Vec::new();
+    let find = |store: &str, scenario: &str| {
+        all.iter()
+            .find(|r| r.store == store && r.scenario == scenario)
+    };
+    for (store, min) in [("memory", 0.90), ("redis", 0.85)] {
+        let name = format!("{store} read req/s >= {:.0}% of baseline", min * 100.0);
+        t.push(match find(store, "read").and_then(|r| r.rps_ratio) {
+            Some(ratio) => Target {
+                name,
+                measured: format!("{:.1}%", ratio * 100.0),
+                status: status(ratio >= min),
+            },
+            None => Target {
+                name,
+                measured: "-".into(),
+                status: "NOT RUN",
+            },
+        });
+    }
+    for store in ["memory", "redis"] {
+        let mut any = false;
+        for r in all.iter().filter(|r| r.store == store) {
+            if let Some(delta) = r.p99_delta_us {
+                any = true;
+                t.push(Target {
+                    name: format!(
+                        "{store} {} p99 <= baseline p99 + 1 ms ({} conns)",
+                        r.scenario, r.connections
+                    ),
+                    measured: format!("{:+.2} ms", delta / 1000.0),
+                    status: status(delta <= 1000.0),
+                });
+            }
+        }
+        if !any {
+            t.push(Target {
+                name: format!("{store} p99 <= baseline p99 + 1 ms"),
+                measured: "-".into(),
+                status: "NOT RUN",
+            });
+        }
+    }
+    t.push(Target {
+        name: "pure work (verify + decode + encode, 1 KiB) < 5 µs".into(),
+        measured: format!("{:.2} µs", pure_ns / 1000.0),
+        status: status(pure_ns < 5000.0),
+    });
+    let high: Vec<&Outcome> = all
+        .iter()
+        .filter(|r| r.connections >= 256 && r.store != "baseline")
+        .collect();
+    for r in &high {
+        t.push(Target {
+            name: format!(
+                "{} {} peak RSS < 64 MiB at {} conns",
+                r.store, r.scenario, r.connections
+            ),
+            measured: opt(r.peak_rss_mib, |v| format!("{v:.1} MiB")),
+            status: r.peak_rss_mib.map_or("NOT RUN", |v| status(v < 64.0)),
+        });
+    }
+    if high.is_empty() {
+        t.push(Target {
+            name: format!(
+                "peak RSS < 64 MiB at 256 conns (run read-c256; --high-connections {})",
+                o.high_connections
+            ),
+            measured: "-".into(),
+            status: "NOT RUN",
+        });
+    }
+    t
+}
+
+pub fn print_targets(targets: &[Target], _pure_ns: f64) {
+    println!("targets:");
+    for t in targets {
+        println!("  {:<7} {:<62} {}", t.status, t.name, t.measured);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn to_json(
+    m: &Machine,
+    o: &Options,
+    started: u64,
+    all: &[Outcome],
+    skipped: &[(String, String)],
+    failures: &[(String, String, String)],
+    targets: &[Target],
+    pure_ns: f64,
+) -> Value {
+    json!({
+        "schema": 1,
+        "bench": "session-gateway load",
+        "unix_time": started,
+        "git": m.git,
+        "machine": {
+            "cpus": m.cpus,
+            "cpu_model": m.cpu_model,
+            "kernel": m.kernel,
+            "loadavg_at_start": m.loadavg,
+        },
+        "options": {
+            "stores": o.stores,
+            "scenarios": o.scenarios,
+            "duration_s": o.duration.as_secs_f64(),
+            "warmup_s": o.warmup.as_secs_f64(),
+            "connections": o.connections,
+            "high_connections": o.high_connections,
+            "clients_per_connection": o.clients,
+            "size": o.size,
+            "large_size": o.large_size,
+            "write_ratio": o.write_ratio,
+            "gateway_threads": o.gateway_threads,
+            "client_threads": o.client_threads,
+        },
+        "results": all,
+        "skipped": skipped.iter().map(|(s, e)| json!({"store": s, "reason": e})).collect::<Vec<_>>(),
+        "failed": failures.iter().map(|(s, sc, e)| json!({"store": s, "scenario": sc, "error": e})).collect::<Vec<_>>(),
+        "pure_work_1k_ns": pure_ns,
+        "targets": targets,
+    })
+}
+
+/// `<target>/bench-results`, found from this executable's own path
+/// (`<target>/release/deps/load-…`).
+fn default_out_dir() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.parent()?.to_path_buf()))
+        .filter(|t| t.join("release").is_dir() || t.join("debug").is_dir())
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("target"))
+        .join("bench-results")
+}
+
+/// Write `load-<unix time>.json` and `load-latest.json`; returns both paths.
+pub fn write_json(o: &Options, started: u64, json: &Value) -> std::io::Result<String> {
+    let dir = o.out.clone().unwrap_or_else(default_out_dir);
+    std::fs::create_dir_all(&dir)?;
+    let text = serde_json::to_string_pretty(json).expect("JSON serializes");
+    let stamped = dir.join(format!("load-{started}.json"));
+    let latest = dir.join("load-latest.json");
+    std::fs::write(&stamped, &text)?;
+    std::fs::write(&latest, &text)?;
+    Ok(format!("{} (and {})", stamped.display(), latest.display()))
+}
+
+fn load_results(path: &Path) -> Result<(Value, Vec<Outcome>), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let results: Vec<Outcome> = serde_json::from_value(v["results"].clone())
+        .map_err(|e| format!("{}: results: {e}", path.display()))?;
+    Ok((v, results))
+}
+
+/// Print NEW next to OLD for every (store, scenario) in either file.
+pub fn compare(old: &Path, new: &Path) -> Result<(), String> {
+    let (ov, o) = load_results(old)?;
+    let (nv, n) = load_results(new)?;
+    let describe = |v: &Value| {
+        format!(
+            "{} (commit {}, {} CPUs, load {:.2})",
+            v["unix_time"],
+            v["git"].as_str().unwrap_or("?"),
+            v["machine"]["cpus"],
+            v["machine"]["loadavg_at_start"].as_f64().unwrap_or(0.0)
+        )
+    };
+    println!("old: {} {}", old.display(), describe(&ov));
+    println!("new: {} {}", new.display(), describe(&nv));
+    println!(
+        "{:<10} {:<9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
+        "store",
+        "scenario",
+        "old req/s",
+        "new req/s",
+        "change",
+        "old r",
+        "new r",
+        "old p99",
+        "new p99",
+        "old µs",
+        "new µs"
+    );
+    let key = |r: &Outcome| (r.store.clone(), r.scenario.clone());
+    let old_by: HashMap<_, _> = o.iter().map(|r| (key(r), r)).collect();
+    let mut seen = std::collections::HashSet::new();
+    let pct = |r: Option<f64>| opt(r, |v| format!("{:.0}%", v * 100.0));
+    for r in n.iter().chain(o.iter()) {
+        if !seen.insert(key(r)) {
+            continue;
+        }
+        let (a, b) = (
+            old_by.get(&key(r)).copied(),
+            n.iter().find(|x| key(x) == key(r)),
+        );
+        let rps = |x: Option<&Outcome>| opt(x.map(|x| x.rps), |v| format!("{v:.0}"));
+        let change = match (a, b) {
+            (Some(a), Some(b)) if a.rps > 0.0 => format!("{:+.1}%", (b.rps / a.rps - 1.0) * 100.0),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<10} {:<9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
+            r.store,
+            r.scenario,
+            rps(a),
+            rps(b),
+            change,
+            pct(a.and_then(|x| x.rps_ratio)),
+            pct(b.and_then(|x| x.rps_ratio)),
+            opt(a.map(|x| x.p99_us), ms),
+            opt(b.map(|x| x.p99_us), ms),
+            opt(a.and_then(|x| x.gateway_cpu_us_per_req), |v| format!(
+                "{v:.1}"
+            )),
+            opt(b.and_then(|x| x.gateway_cpu_us_per_req), |v| format!(
+                "{v:.1}"
+            )),
+        );
+    }
+    println!("r: req/s as a share of the same run's baseline (compare these across machines and busy periods; raw req/s only on the same quiet machine)");
+    Ok(())
+}

@@ -1,0 +1,114 @@
+//! The stores the bench can run, and what each needs around it: a private
+//! `redis-server`, a SQLite file, a unique table on the shared PostgreSQL
+//! and MariaDB servers (dropped at the end). `baseline` is the same gateway
+//! with sessions excluded on every path (`session.exclude: ["/"]`), which
+//! is what every other store is compared with.
+
+use crate::procs::{self, Proc};
+use std::path::Path;
+
+pub const ALL: [&str; 7] = [
+    "baseline",
+    "memory",
+    "filesystem",
+    "redis",
+    "sqlite",
+    "postgres",
+    "mysql",
+];
+
+pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
+
+/// A store ready to be used by any number of gateway starts.
+pub struct StoreEnv {
+    pub name: String,
+    /// The `store:` section (YAML flow mapping); relative paths are
+    /// relative to the gateway's working directory.
+    pub yaml: String,
+    /// `session.exclude: ["/"]`: the baseline.
+    pub sessions_off: bool,
+    /// A SQL table to drop at the end: (url, table).
+    pub sql_table: Option<(String, String)>,
+    /// The private redis-server, if any (killed on drop).
+    pub _redis: Option<Proc>,
+}
+
+/// Set up `name` under `dir`. `run_id` makes table names unique.
+pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String> {
+    let env = |yaml: String| StoreEnv {
+        name: name.to_string(),
+        yaml,
+        sessions_off: false,
+        sql_table: None,
+        _redis: None,
+    };
+    let sql = |url: &str| {
+        let table = format!("sgw_bench_{run_id}");
+        let mut e = env(format!(
+            "{{type: sql, url: \"{url}\", table: {table}, create_table: true}}"
+        ));
+        e.sql_table = Some((url.to_string(), table));
+        e
+    };
+    match name {
+        "baseline" => Ok(StoreEnv {
+            sessions_off: true,
+            ..env("{type: memory}".into())
+        }),
+        "memory" => Ok(env("{type: memory}".into())),
+        // `dir` is relative to each gateway's own temporary directory.
+        "filesystem" => Ok(env("{type: filesystem, dir: ./sessions}".into())),
+        "redis" => {
+            let redis_dir = dir.join("redis");
+            std::fs::create_dir_all(&redis_dir).map_err(|e| e.to_string())?;
+            let redis = procs::start_redis(&redis_dir)?;
+            let mut e = env(format!(
+                "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
+                redis.port
+            ));
+            e._redis = Some(redis);
+            Ok(e)
+        }
+        "sqlite" => {
+            // An existing (empty) file is a valid database for any URL form.
+            let file = dir.join("sessions.db");
+            std::fs::write(&file, b"").map_err(|e| e.to_string())?;
+            let mut e = sql(&format!("sqlite://{}", file.display()));
+            e.sql_table = None; // the file goes with the temp dir
+            Ok(e)
+        }
+        "postgres" => Ok(sql(POSTGRES_URL)),
+        "mysql" => Ok(sql(MYSQL_URL)),
+        other => Err(format!(
+            "unknown store `{other}` (known: {})",
+            ALL.join(", ")
+        )),
+    }
+}
+
+/// Drop the table a SQL store created on a shared server (best effort).
+pub async fn drop_table(url: &str, table: &str) {
+    #[cfg(feature = "sql")]
+    {
+        use sqlx::Connection;
+        let sql = format!("DROP TABLE IF EXISTS {table}");
+        let work = async {
+            if url.starts_with("postgres") {
+                let mut c = sqlx::PgConnection::connect(url).await?;
+                sqlx::query(&sql).execute(&mut c).await?;
+            } else if url.starts_with("mysql") {
+                let mut c = sqlx::MySqlConnection::connect(url).await?;
+                sqlx::query(&sql).execute(&mut c).await?;
+            }
+            Ok::<_, sqlx::Error>(())
+        };
+        match tokio::time::timeout(std::time::Duration::from_secs(10), work).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => eprintln!("note: could not drop {table} on {url}: {e}"),
+            Err(_) => eprintln!("note: dropping {table} on {url} timed out"),
+        }
+    }
+    #[cfg(not(feature = "sql"))]
+    let _ = (url, table);
+}

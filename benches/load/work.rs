@@ -1,0 +1,46 @@
+//! The per-request pure work of a live-session read, timed in-process with
+//! the library's public API: verify the cookie, decode the stored record,
+//! encode the `X-Session` header (1 KiB of session data). `benches/micro.rs`
+//! measures the same with criterion; this quick copy lets the load bench
+//! print the target next to the others.
+
+#[path = "../common/data.rs"]
+mod data;
+
+use data::record_of;
+use session_gateway::session::{CookieVerifier, SessionId, SessionRecord};
+use std::hint::black_box;
+use std::time::Instant;
+
+/// Median nanoseconds of verify + decode + encode of a `bytes` session.
+pub fn verify_decode_encode_ns(bytes: usize) -> f64 {
+    let verifier = CookieVerifier::new(
+        &[b"bench-secret-key-0123456789abcdef-0123456789".to_vec()],
+        32,
+    );
+    let cookie = verifier.sign(&SessionId::generate(32));
+    let stored = record_of(bytes).to_stored();
+    let once = || {
+        let id = verifier
+            .verify(black_box(&cookie))
+            .expect("own cookie verifies");
+        let record = SessionRecord::from_stored(black_box(&stored)).expect("decodes");
+        black_box(id);
+        black_box(record.header_value())
+    };
+    for _ in 0..2_000 {
+        once();
+    }
+    let mut samples: Vec<f64> = (0..15)
+        .map(|_| {
+            let n = 2_000;
+            let t = Instant::now();
+            for _ in 0..n {
+                once();
+            }
+            t.elapsed().as_nanos() as f64 / n as f64
+        })
+        .collect();
+    samples.sort_by(|a, b| a.total_cmp(b));
+    samples[samples.len() / 2]
+}

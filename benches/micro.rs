@@ -1,0 +1,197 @@
+//! `cargo bench --bench micro`: the per-request pure work of the gateway,
+//! measured with criterion through the library's public API: cookie
+//! verification and signing, the `Cookie` header scan, the session record's
+//! encodings (stored form and `X-Session` header), parsing the upstream's
+//! `X-Session-Patch`, RFC 7396 merge patch on a 1 KiB session, and the
+//! combined work of a live-session read (verify + decode + encode), whose
+//! target is under 5 µs for 1 KiB.
+
+#[path = "common/data.rs"]
+mod data;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use data::record_of;
+use serde_json::{Map, Value};
+use session_gateway::config::{CookieSettings, HeaderNames, SameSite};
+use session_gateway::proxy::cookies;
+use session_gateway::proxy::protocol::RawDirectives;
+use session_gateway::session::{merge_patch, CookieVerifier, SessionId, SessionRecord};
+use std::hint::black_box;
+use std::time::Duration;
+
+const KEY: &[u8] = b"bench-secret-key-0123456789abcdef-0123456789";
+const SIZES: [usize; 3] = [100, 1024, 4096];
+
+fn verifier(keys: usize) -> CookieVerifier {
+    let keys: Vec<Vec<u8>> = (0..keys)
+        .map(|i| {
+            let mut k = KEY.to_vec();
+            k.push(b'0' + i as u8);
+            k
+        })
+        .collect();
+    CookieVerifier::new(&keys, 32)
+}
+
+fn cookie_settings() -> CookieSettings {
+    CookieSettings {
+        name: "session".into(),
+        domain: None,
+        path: "/".into(),
+        secure: true,
+        http_only: true,
+        same_site: SameSite::Lax,
+    }
+}
+
+fn object(v: Value) -> Map<String, Value> {
+    match v {
+        Value::Object(m) => m,
+        _ => unreachable!("an object literal"),
+    }
+}
+
+fn cookie(c: &mut Criterion) {
+    let mut g = c.benchmark_group("cookie");
+    let v = verifier(1);
+    let id = SessionId::generate(32);
+    let good = v.sign(&id);
+    let mut bad = good.clone().into_bytes();
+    let last = bad.len() - 1;
+    bad[last] = if bad[last] == b'A' { b'B' } else { b'A' };
+    let bad = String::from_utf8(bad).expect("ASCII");
+    g.bench_function("verify", |b| b.iter(|| v.verify(black_box(&good))));
+    g.bench_function("verify_tampered", |b| b.iter(|| v.verify(black_box(&bad))));
+    // During a key rotation every cookie is checked against every key.
+    let rotated = verifier(2);
+    g.bench_function("verify_2_keys", |b| {
+        b.iter(|| rotated.verify(black_box(&good)))
+    });
+    g.bench_function("sign", |b| b.iter(|| v.sign(black_box(&id))));
+    let header = format!("_ga=GA1.2.1234567890.1234567890; theme=dark; session={good}; lang=en");
+    g.bench_function("find_in_header", |b| {
+        b.iter(|| cookies::find([black_box(header.as_bytes())].into_iter(), "session"))
+    });
+    g.bench_function("strip_from_header", |b| {
+        b.iter(|| cookies::without([black_box(header.as_bytes())].into_iter(), "session"))
+    });
+    let settings = cookie_settings();
+    let lifetime = Duration::from_secs(31 * 86_400);
+    g.bench_function("set_cookie", |b| {
+        b.iter(|| cookies::set_cookie(&settings, black_box(good.clone()), true, lifetime))
+    });
+    g.finish();
+}
+
+fn record(c: &mut Criterion) {
+    let mut g = c.benchmark_group("record");
+    for size in SIZES {
+        let rec = record_of(size);
+        let stored = rec.to_stored();
+        let header = rec.header_value();
+        g.throughput(Throughput::Bytes(size as u64));
+        // Encode: what goes upstream as `X-Session` on every request.
+        g.bench_with_input(BenchmarkId::new("encode_header", size), &rec, |b, r| {
+            b.iter(|| r.header_value())
+        });
+        // Decode: what a store does with the bytes it loaded.
+        g.bench_with_input(BenchmarkId::new("decode_stored", size), &stored, |b, s| {
+            b.iter(|| SessionRecord::from_stored(s).expect("decodes"))
+        });
+        g.bench_with_input(BenchmarkId::new("encode_stored", size), &rec, |b, r| {
+            b.iter(|| r.to_stored())
+        });
+        // The memory store hands out a clone instead of decoding.
+        g.bench_with_input(BenchmarkId::new("clone", size), &rec, |b, r| {
+            b.iter(|| r.clone())
+        });
+        // An `X-Session` replace from the upstream, as the gateway parses it.
+        let names = HeaderNames::new("X-Session");
+        g.bench_with_input(BenchmarkId::new("decode_header", size), &header, |b, h| {
+            b.iter(|| {
+                let mut raw = RawDirectives::default();
+                raw.offer("x-session", h.as_bytes(), &names);
+                raw.parse(&names, 1 << 20).expect("parses")
+            })
+        });
+    }
+    g.finish();
+}
+
+fn patch(c: &mut Criterion) {
+    let mut g = c.benchmark_group("patch");
+    let names = HeaderNames::new("X-Session");
+    let text = r#"{"cart":{"items":3,"total":"42.50"},"last_seen":1700000000,"flash":null}"#;
+    g.bench_function("parse_x_session_patch", |b| {
+        b.iter(|| {
+            let mut raw = RawDirectives::default();
+            raw.offer("x-session-patch", black_box(text.as_bytes()), &names);
+            raw.parse(&names, 8192).expect("parses")
+        })
+    });
+    let base = record_of(1024);
+    let p = object(serde_json::json!({
+        "cart": {"items": 3, "total": "42.50"},
+        "last_seen": 1_700_000_000u64,
+        "k00": null,
+        "locale": "de-DE"
+    }));
+    g.bench_function("merge_patch_1k", |b| {
+        b.iter_batched_ref(
+            || base.data.clone(),
+            |data| merge_patch(data, black_box(&p)),
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    g.finish();
+}
+
+/// The pure work of one live-session read: verify the cookie, decode the
+/// stored record, encode the `X-Session` header. Target: < 5 µs at 1 KiB.
+fn read_path(c: &mut Criterion) {
+    let mut g = c.benchmark_group("read_path");
+    let v = verifier(1);
+    let id = SessionId::generate(32);
+    let good = v.sign(&id);
+    let settings = cookie_settings();
+    let lifetime = Duration::from_secs(31 * 86_400);
+    for size in SIZES {
+        let stored = record_of(size).to_stored();
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(
+            BenchmarkId::new("verify_decode_encode", size),
+            &stored,
+            |b, s| {
+                b.iter(|| {
+                    let id = v.verify(black_box(&good)).expect("verifies");
+                    let rec = SessionRecord::from_stored(s).expect("decodes");
+                    (id, rec.header_value())
+                })
+            },
+        );
+        // Plus what `refresh_each_request` adds: re-sign and Set-Cookie.
+        g.bench_with_input(
+            BenchmarkId::new("verify_decode_encode_refresh", size),
+            &stored,
+            |b, s| {
+                b.iter(|| {
+                    let id = v.verify(black_box(&good)).expect("verifies");
+                    let rec = SessionRecord::from_stored(s).expect("decodes");
+                    let header = rec.header_value();
+                    let cookie = cookies::set_cookie(&settings, v.sign(&id), true, lifetime);
+                    (header, cookie)
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    targets = cookie, record, patch, read_path
+}
+criterion_main!(benches);
