@@ -202,6 +202,9 @@ async fn run_one(
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
     let stats = cx.upstream.stats.clone();
+    // A private store server (redis-server) competes for the same CPUs: its
+    // CPU per request is reported too.
+    let store_pid = env._redis.as_ref().map(|r| r.pid());
     let sampler = tokio::spawn(async move {
         let me = std::process::id();
         tokio::time::sleep_until(start).await;
@@ -215,6 +218,7 @@ async fn run_one(
                 .with_session
                 .load(std::sync::atomic::Ordering::Relaxed),
             std::time::Instant::now(),
+            store_pid.and_then(procstat::cpu_time),
         );
         tokio::time::sleep_until(end).await;
         let at_end = (
@@ -227,6 +231,7 @@ async fn run_one(
                 .with_session
                 .load(std::sync::atomic::Ordering::Relaxed),
             std::time::Instant::now(),
+            store_pid.and_then(procstat::cpu_time),
         );
         (at_start, at_end)
     });
@@ -255,6 +260,7 @@ async fn run_one(
         _ => None,
     };
     let gw_cpu = cpu(s0.0, s1.0);
+    let store_cpu = cpu(s0.5, s1.5);
     let client_cpu = cpu(s0.1, s1.1);
     let upstream_reads = s1.2 - s0.2;
     let with_session = s1.3 - s0.3;
@@ -286,6 +292,9 @@ async fn run_one(
             .filter(|_| requests > 0)
             .map(|c| c * 1e6 / requests as f64),
         gateway_cpu_cores: gw_cpu.map(|c| c / wall),
+        store_cpu_us_per_req: store_cpu
+            .filter(|_| requests > 0)
+            .map(|c| c * 1e6 / requests as f64),
         client_cpu_cores: client_cpu.map(|c| c / wall),
         peak_rss_mib: peak_rss_kib.map(|k| k as f64 / 1024.0),
         session_hit_ratio: (!sc.new_visitors && !env.sessions_off && upstream_reads > 0)

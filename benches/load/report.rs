@@ -36,6 +36,10 @@ pub struct Outcome {
     pub gateway_cpu_us_per_req: Option<f64>,
     /// Gateway CPU use in cores (1.0 = its proxy thread was saturated).
     pub gateway_cpu_cores: Option<f64>,
+    /// CPU per request of a private store server (redis-server), which
+    /// shares the machine's CPUs with the gateway.
+    #[serde(default)]
+    pub store_cpu_us_per_req: Option<f64>,
     /// CPU of the bench process (load generator + app), in cores.
     pub client_cpu_cores: Option<f64>,
     /// Gateway VmHWM at the end of the scenario.
@@ -277,6 +281,14 @@ pub fn print_table(all: &[Outcome], o: &Options) {
             r.scenario,
             r.errors,
             r.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    for r in all.iter().filter(|r| r.store_cpu_us_per_req.is_some()) {
+        println!(
+            "note: {} / {}: the store server itself used {:.1} µs CPU per request on the same CPUs",
+            r.store,
+            r.scenario,
+            r.store_cpu_us_per_req.unwrap_or(0.0)
         );
     }
     for r in all
