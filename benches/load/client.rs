@@ -209,6 +209,10 @@ pub struct ConnPlan {
     /// The same clients' write requests (used for `write_ratio` of requests).
     pub writes: Vec<Vec<u8>>,
     pub write_ratio: f64,
+    /// Send one request per interval (paced load) instead of back to back.
+    pub interval: Option<Duration>,
+    /// When the first paced request goes out (spreads the connections).
+    pub start_offset: Duration,
 }
 
 /// The result of one connection (merged over connections by the caller).
@@ -249,9 +253,20 @@ pub async fn drive(addr: SocketAddr, plan: ConnPlan, start: Instant, end: Instan
             }
         }
     };
+    // Paced connections start spread over one interval, not all at once.
+    let mut next_send = plan.interval.map(|_| Instant::now() + plan.start_offset);
     // Bounded by time: every iteration either completes a request or waits
     // out a timeout, and the loop stops at `end`.
     while Instant::now() < end {
+        if let (Some(at), Some(interval)) = (next_send.as_mut(), plan.interval) {
+            if *at >= end {
+                break;
+            }
+            tokio::time::sleep_until(*at).await;
+            // Behind schedule (the gateway cannot keep up): go on without
+            // bunching up the missed sends.
+            *at = (*at + interval).max(Instant::now());
+        }
         let c = match conn.as_mut() {
             Some(c) => c,
             None => match Conn::connect(addr).await {

@@ -38,6 +38,9 @@ pub struct Scenario {
     pub write_ratio: f64,
     /// No cookie; every request creates a session.
     pub new_visitors: bool,
+    /// Paced at this many req/s over all connections instead of as fast as
+    /// the gateway answers; 0 = decided when the scenario runs.
+    pub rate: Option<f64>,
 }
 
 fn scenarios(o: &Options) -> Vec<Scenario> {
@@ -47,6 +50,7 @@ fn scenarios(o: &Options) -> Vec<Scenario> {
         size,
         write_ratio,
         new_visitors,
+        rate: None,
     };
     o.scenarios
         .iter()
@@ -55,6 +59,10 @@ fn scenarios(o: &Options) -> Vec<Scenario> {
             "write" => sc(name, o.connections, o.size, o.write_ratio, false),
             "new" => sc(name, o.connections, o.size, 0.0, true),
             "read-4k" => sc(name, o.connections, o.large_size, 0.0, false),
+            "read-rate" => Scenario {
+                rate: Some(o.rate.unwrap_or(0.0)),
+                ..sc(name, o.connections, o.size, 0.0, false)
+            },
             _ => sc(name, o.high_connections, o.size, 0.0, false),
         })
         .collect()
@@ -66,7 +74,7 @@ fn scenarios(o: &Options) -> Vec<Scenario> {
 fn runs(o: &Options, store: &str, scenario: &Scenario) -> bool {
     match scenario.name.as_str() {
         "read-4k" => store != "baseline" || !o.scenarios.iter().any(|s| s == "read"),
-        "read-c256" => o.c256_stores.iter().any(|s| s == store),
+        "read-c256" | "read-rate" => o.focus_stores.iter().any(|s| s == store),
         _ => true,
     }
 }
@@ -156,15 +164,25 @@ async fn run_one(
             )
         })?
     };
+    let interval = sc
+        .rate
+        .filter(|r| *r > 0.0)
+        .map(|r| Duration::from_secs_f64(sc.connections as f64 / r));
     let plans: Vec<ConnPlan> = cookies
         .iter()
-        .map(|cs| {
+        .enumerate()
+        .map(|(i, cs)| {
+            let start_offset = interval.map_or(Duration::ZERO, |d| {
+                d.mul_f64(i as f64 / sc.connections as f64)
+            });
             if sc.new_visitors {
                 let req = client::get(addr, &format!("/p/{}", sc.size), None);
                 ConnPlan {
                     reads: vec![req.clone()],
                     writes: vec![req],
                     write_ratio: 0.0,
+                    interval: None,
+                    start_offset,
                 }
             } else {
                 ConnPlan {
@@ -177,6 +195,8 @@ async fn run_one(
                         .map(|c| client::get(addr, "/w", Some(c)))
                         .collect(),
                     write_ratio: sc.write_ratio,
+                    interval,
+                    start_offset,
                 }
             }
         })
@@ -272,6 +292,7 @@ async fn run_one(
         session_bytes: if env.sessions_off { 0 } else { sc.size },
         write_ratio: sc.write_ratio,
         new_visitors: sc.new_visitors,
+        target_rate: sc.rate,
         sessions: if sc.new_visitors || env.sessions_off {
             0
         } else {
@@ -407,7 +428,21 @@ async fn run(o: Options) -> i32 {
     // Scenario by scenario, the baseline right before the stores: a change
     // in background load hits both sides of each ratio alike.
     for _round in 0..o.rounds {
-        for sc in scenarios(&o) {
+        for mut sc in scenarios(&o) {
+            if sc.rate == Some(0.0) {
+                // Half of what the bare proxy managed: a load every store
+                // should carry, so p99 shows per-request cost, not queueing.
+                let base = outcomes
+                    .iter()
+                    .filter(|r| r.store == "baseline" && r.scenario == "read")
+                    .map(|r| r.rps)
+                    .fold(f64::NAN, f64::max);
+                sc.rate = Some(if base.is_nan() {
+                    5000.0
+                } else {
+                    (base / 2.0).round()
+                });
+            }
             for env in &envs {
                 if !runs(&o, &env.name, &sc) {
                     continue;

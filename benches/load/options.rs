@@ -13,13 +13,18 @@ usage: cargo bench --bench load -- [options]
                         gateway with sessions off on every path) always runs
                         first unless --no-baseline
                         [baseline,memory,filesystem,redis,sqlite,postgres,mysql]
-  --scenarios LIST      read,write,new,read-4k,read-c256 [all of them]
+  --scenarios LIST      read,write,new,read-4k,read-rate,read-c256 [all]
                           read       live session, read-only (the common case)
                           write      like read, WRITE-RATIO of requests patch
                           new        no cookie; the app creates a session
                           read-4k    read with LARGE-SIZE sessions
+                          read-rate  read at a fixed request rate (RATE), so
+                                     every store is compared at the same load
                           read-c256  read over HIGH-CONNECTIONS connections
-  --c256-stores LIST    stores that run read-c256 [baseline,memory,redis]
+  --focus-stores LIST   stores that also run read-rate and read-c256
+                        [baseline,memory,redis]
+  --rate N              req/s of read-rate [half the baseline's read req/s
+                        in this run, or 5000 without one]
   --duration D          measured time per scenario [4s]
   --warmup D            unmeasured load before it [1s]
   --connections N       connections of the standard scenarios [64]
@@ -50,13 +55,14 @@ a temporary SQLite file). A store that does not start is reported and
 skipped.
 ";
 
-pub const SCENARIOS: [&str; 5] = ["read", "write", "new", "read-4k", "read-c256"];
+pub const SCENARIOS: [&str; 6] = ["read", "write", "new", "read-4k", "read-rate", "read-c256"];
 
 #[derive(Clone, Debug)]
 pub struct Options {
     pub stores: Vec<String>,
     pub scenarios: Vec<String>,
-    pub c256_stores: Vec<String>,
+    pub focus_stores: Vec<String>,
+    pub rate: Option<f64>,
     pub duration: Duration,
     pub warmup: Duration,
     pub connections: usize,
@@ -81,7 +87,8 @@ impl Default for Options {
         Options {
             stores: list(&crate::stores::ALL),
             scenarios: list(&SCENARIOS),
-            c256_stores: list(&["baseline", "memory", "redis"]),
+            focus_stores: list(&["baseline", "memory", "redis"]),
+            rate: None,
             duration: Duration::from_secs(4),
             warmup: Duration::from_secs(1),
             connections: 64,
@@ -163,7 +170,16 @@ impl Options {
                         .map(|s| if s == "c256" { "read-c256".into() } else { s })
                         .collect()
                 }
-                "--c256-stores" => o.c256_stores = list(&value()?),
+                "--focus-stores" => o.focus_stores = list(&value()?),
+                "--rate" => {
+                    let v = value()?;
+                    o.rate = Some(
+                        v.parse::<f64>()
+                            .ok()
+                            .filter(|r| *r >= 1.0 && *r <= 1e6)
+                            .ok_or_else(|| format!("--rate: `{v}` is not in 1..1000000"))?,
+                    );
+                }
                 "--duration" => {
                     o.duration = parse_duration(&value()?)?;
                     explicit_duration = true;
@@ -212,7 +228,7 @@ impl Options {
                 o.warmup = Duration::from_millis(500);
             }
         }
-        for s in o.stores.iter().chain(&o.c256_stores) {
+        for s in o.stores.iter().chain(&o.focus_stores) {
             if !crate::stores::ALL.contains(&s.as_str()) {
                 return Err(format!(
                     "unknown store `{s}` (known: {})",
