@@ -15,8 +15,10 @@ use std::sync::Arc;
 
 async fn fixture() -> StoreFixture {
     let dir = tempfile::tempdir().unwrap();
+    // A generous timeout: 50 concurrent patches of one session queue on
+    // its lock, and CI machines are busy.
     let yaml = format!(
-        "{{type: filesystem, dir: {:?}}}",
+        "{{type: filesystem, dir: {:?}, timeout: 5s}}",
         dir.path().join("sessions")
     );
     StoreFixture::new(yaml, dir)
