@@ -43,6 +43,8 @@ struct Inner {
     /// Approximate count of session files, kept to avoid a directory scan
     /// on every create.
     count: AtomicUsize,
+    /// A threshold prune is running.
+    pruning: std::sync::atomic::AtomicBool,
 }
 
 impl FilesystemStore {
@@ -61,6 +63,7 @@ impl FilesystemStore {
                 threshold,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 count: AtomicUsize::new(count),
+                pruning: std::sync::atomic::AtomicBool::new(false),
             }),
         })
     }
@@ -226,24 +229,45 @@ impl Inner {
         if self.threshold == 0 || self.count.load(Ordering::Relaxed) < self.threshold {
             return Ok(());
         }
-        self.purge()?;
-        let mut files: Vec<(u64, String)> = session_files(&self.dir)
-            .map_err(io_err)?
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .map(|n| (self.expiry_of(&n).unwrap_or(0), n))
-            .collect();
-        self.count.store(files.len(), Ordering::Relaxed);
-        if files.len() < self.threshold {
+        // One pruner at a time: concurrent creates that find the directory
+        // full go ahead (briefly over the threshold) instead of each
+        // scanning every file, which the load bench showed starving creates
+        // past the store timeout.
+        if self.pruning.swap(true, Ordering::AcqRel) {
             return Ok(());
         }
-        files.sort_unstable();
-        // Evict down to 90% of the threshold, not just one file: the scan
-        // above reads every file's header, and doing it on every create
-        // once the directory is full made creates slower than the store
-        // timeout (found by the load bench).
-        let keep = self.threshold - self.threshold.div_ceil(10);
-        let excess = files.len().saturating_sub(keep).max(1);
-        for (_, name) in files.into_iter().take(excess) {
+        // Evict down to 90% of the threshold, not one file, so the scan is
+        // paid once per many creates.
+        let result = self.prune_to(self.threshold - self.threshold.div_ceil(10));
+        self.pruning.store(false, Ordering::Release);
+        result
+    }
+
+    /// One pass over the directory: remove expired files, then, if more
+    /// than `keep` live ones remain, those closest to expiry.
+    fn prune_to(&self, keep: usize) -> Result<(), StoreError> {
+        let now = to_ms(SystemTime::now());
+        let mut live: Vec<(u64, String)> = Vec::new();
+        for entry in session_files(&self.dir).map_err(io_err)? {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            match self.expiry_of(&name) {
+                Some(exp) if exp > now => live.push((exp, name)),
+                _ => {
+                    // Re-check under the lock: it may have been rewritten.
+                    let _guard = self.stripe(&name);
+                    if self.expiry_of(&name).is_none_or(|exp| exp <= now) {
+                        self.remove(&name)?;
+                    }
+                }
+            }
+        }
+        self.count.store(live.len(), Ordering::Relaxed);
+        if live.len() <= keep {
+            return Ok(());
+        }
+        live.sort_unstable();
+        let excess = live.len() - keep;
+        for (_, name) in live.into_iter().take(excess) {
             let _guard = self.stripe(&name);
             self.remove(&name)?;
         }
