@@ -443,35 +443,7 @@ async fn concurrent_updates_from_several_gateways_lose_nothing() {
     for _ in 0..5 {
         stores.push(connect_store(&server).await);
     }
-    let ttl = Duration::from_secs(600);
-    assert!(stores[0]
-        .create("shared", &record(json!({"start": true})), ttl)
-        .await
-        .unwrap());
-    let tasks: Vec<_> = (0..50)
-        .map(|i| {
-            let store = stores[i % stores.len()].clone();
-            tokio::spawn(async move {
-                let field = format!("k{i}");
-                store
-                    .update("shared", ttl, &|mut r: SessionRecord| {
-                        r.data.insert(field.clone(), json!(i));
-                        Ok(Update::Write(r))
-                    })
-                    .await
-            })
-        })
-        .collect();
-    for t in tasks {
-        assert!(matches!(
-            t.await.unwrap().unwrap(),
-            UpdateOutcome::Written(_)
-        ));
-    }
-    let data = stores[0].load("shared").await.unwrap().unwrap().record.data;
-    for i in 0..50 {
-        assert_eq!(data.get(&format!("k{i}")), Some(&json!(i)), "lost k{i}");
-    }
+    common::contract::concurrent_updates_through(&stores, "shared").await;
 }
 
 /// A private CA, a server certificate for 127.0.0.1 and a client

@@ -227,15 +227,21 @@ pub async fn purge_removes_only_expired(store: Store) {
 /// 50 concurrent read-modify-writes of one entry, each adding its own key:
 /// none may be lost.
 pub async fn concurrent_updates_lose_nothing(store: Store) {
-    let k = key("concurrent");
-    assert!(store
-        .create(&k, &record(json!({"start": true})), TTL)
+    concurrent_updates_through(&[store], &key("concurrent")).await;
+}
+
+/// 50 concurrent read-modify-writes of `key`, spread round-robin over
+/// `stores` (several handles stand for several gateways), each adding its
+/// own field: none may be lost.
+pub async fn concurrent_updates_through(stores: &[Store], key: &str) {
+    assert!(stores[0]
+        .create(key, &record(json!({"start": true})), TTL)
         .await
         .unwrap());
     let tasks: Vec<_> = (0..50)
         .map(|i| {
-            let store = store.clone();
-            let k = k.clone();
+            let store = stores[i % stores.len()].clone();
+            let k = key.to_string();
             tokio::spawn(async move {
                 let field = format!("k{i}");
                 store
@@ -253,7 +259,7 @@ pub async fn concurrent_updates_lose_nothing(store: Store) {
             UpdateOutcome::Written(_)
         ));
     }
-    let data = store.load(&k).await.unwrap().unwrap().record.data;
+    let data = stores[0].load(key).await.unwrap().unwrap().record.data;
     for i in 0..50 {
         assert_eq!(data.get(&format!("k{i}")), Some(&json!(i)), "lost k{i}");
     }

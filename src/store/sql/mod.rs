@@ -20,7 +20,9 @@ mod postgres;
 mod sqlite;
 
 use crate::config::{deserialize_at, ConfigError};
-use crate::session::{Loaded, SessionRecord, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::session::{
+    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
+};
 use async_trait::async_trait;
 use serde::Deserialize;
 use serde_yaml::Value;
@@ -411,6 +413,27 @@ fn missing_table(dialect: Dialect, table: &TableName, e: sqlx::Error) -> StoreEr
         dialect.name(),
         e.to_string().replace('\n', " ")
     ))
+}
+
+/// What an update attempt does with the row it locked, decided the same
+/// way for every dialect; only the SQL around it differs.
+enum Step {
+    /// Roll back and return this: no live row, undecodable data (which
+    /// `load` also reads as no session), or the update function refused.
+    Done(Result<UpdateOutcome, String>),
+    Write(SessionRecord),
+    Delete,
+}
+
+fn decide(table: &TableName, data: Option<&[u8]>, f: &UpdateFn<'_>) -> Step {
+    let Some(current) = data.and_then(|d| decode_record(table, d)) else {
+        return Step::Done(Ok(UpdateOutcome::Missing));
+    };
+    match f(current) {
+        Ok(Update::Write(record)) => Step::Write(record),
+        Ok(Update::Delete) => Step::Delete,
+        Err(msg) => Step::Done(Err(msg)),
+    }
 }
 
 /// Result of one update attempt before error conversion: the outer `Err`

@@ -29,12 +29,10 @@
 //!   purges, the others skip that round.
 
 use super::{
-    classify, decode_record, decode_row, missing_table, now_and_expiry, now_micros, pool_options,
-    Attempt, Dialect, SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, decode_row, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
+    Dialect, SqlConfig, Step, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use crate::session::{Loaded, SessionRecord, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use sqlx::error::ErrorKind;
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
@@ -208,24 +206,13 @@ impl MySqlStore {
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(Ok(UpdateOutcome::Missing));
-        };
-        let data: Vec<u8> = row.try_get(0)?;
-        let Some(current) = decode_record(&self.table, &data) else {
-            tx.rollback().await?;
-            return Ok(Ok(UpdateOutcome::Missing));
-        };
-        let update = match f(current) {
-            Ok(u) => u,
-            Err(msg) => {
+        let data: Option<Vec<u8>> = row.map(|r| r.try_get(0)).transpose()?;
+        let outcome = match decide(&self.table, data.as_deref(), f) {
+            Step::Done(result) => {
                 tx.rollback().await?;
-                return Ok(Err(msg));
+                return Ok(result);
             }
-        };
-        let outcome = match update {
-            Update::Write(record) => {
+            Step::Write(record) => {
                 sqlx::query(&self.sql.write)
                     .bind(record.to_stored())
                     .bind(expires)
@@ -234,7 +221,7 @@ impl MySqlStore {
                     .await?;
                 UpdateOutcome::Written(record)
             }
-            Update::Delete => {
+            Step::Delete => {
                 sqlx::query(&self.sql.delete)
                     .bind(key)
                     .execute(&mut *tx)

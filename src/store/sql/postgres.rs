@@ -22,12 +22,10 @@
 //!   exactly (no float rounding), without a date-time crate.
 
 use super::{
-    classify, decode_record, decode_row, missing_table, now_and_expiry, now_micros, pool_options,
-    Attempt, Dialect, SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, decode_row, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
+    Dialect, SqlConfig, Step, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use crate::session::{Loaded, SessionRecord, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::{ConnectOptions, Row};
@@ -199,25 +197,13 @@ impl PgStore {
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(Ok(UpdateOutcome::Missing));
-        };
-        let data: Vec<u8> = row.try_get(0)?;
-        // Undecodable data reads as "no session" in `load`; here too.
-        let Some(current) = decode_record(&self.table, &data) else {
-            tx.rollback().await?;
-            return Ok(Ok(UpdateOutcome::Missing));
-        };
-        let update = match f(current) {
-            Ok(u) => u,
-            Err(msg) => {
+        let data: Option<Vec<u8>> = row.map(|r| r.try_get(0)).transpose()?;
+        let outcome = match decide(&self.table, data.as_deref(), f) {
+            Step::Done(result) => {
                 tx.rollback().await?;
-                return Ok(Err(msg));
+                return Ok(result);
             }
-        };
-        let outcome = match update {
-            Update::Write(record) => {
+            Step::Write(record) => {
                 sqlx::query(&self.sql.write)
                     .bind(key)
                     .bind(record.to_stored())
@@ -226,7 +212,7 @@ impl PgStore {
                     .await?;
                 UpdateOutcome::Written(record)
             }
-            Update::Delete => {
+            Step::Delete => {
                 sqlx::query(&self.sql.delete)
                     .bind(key)
                     .execute(&mut *tx)

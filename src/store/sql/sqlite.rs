@@ -22,12 +22,10 @@
 //! such writers wait up to the busy timeout.
 
 use super::{
-    classify, decode_record, decode_row, missing_table, now_and_expiry, now_micros, pool_options,
-    Attempt, Dialect, SqlConfig, TableName, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, decode_row, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
+    Dialect, SqlConfig, Step, TableName, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use crate::session::{Loaded, SessionRecord, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row};
@@ -179,24 +177,13 @@ impl SqliteStore {
             .bind(now)
             .fetch_optional(&mut *tx)
             .await?;
-        let Some(row) = row else {
-            tx.rollback().await?;
-            return Ok(Ok(UpdateOutcome::Missing));
-        };
-        let data: Vec<u8> = row.try_get(0)?;
-        let Some(current) = decode_record(&self.table, &data) else {
-            tx.rollback().await?;
-            return Ok(Ok(UpdateOutcome::Missing));
-        };
-        let update = match f(current) {
-            Ok(u) => u,
-            Err(msg) => {
+        let data: Option<Vec<u8>> = row.map(|r| r.try_get(0)).transpose()?;
+        let outcome = match decide(&self.table, data.as_deref(), f) {
+            Step::Done(result) => {
                 tx.rollback().await?;
-                return Ok(Err(msg));
+                return Ok(result);
             }
-        };
-        let outcome = match update {
-            Update::Write(record) => {
+            Step::Write(record) => {
                 sqlx::query(&self.sql.write)
                     .bind(record.to_stored())
                     .bind(expires)
@@ -205,7 +192,7 @@ impl SqliteStore {
                     .await?;
                 UpdateOutcome::Written(record)
             }
-            Update::Delete => {
+            Step::Delete => {
                 sqlx::query(&self.sql.delete)
                     .bind(key)
                     .execute(&mut *tx)
