@@ -170,11 +170,6 @@ impl Config {
         let file: schema::File = schema::deserialize_at(value, "")?;
         file.validate()
     }
-
-    /// The session cookie lifetime and store TTL.
-    pub fn lifetime(&self) -> Duration {
-        self.session.lifetime
-    }
 }
 
 pub(crate) fn resolve_addrs(key: &str, addrs: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {

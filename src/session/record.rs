@@ -35,9 +35,11 @@ impl SessionRecord {
         serde_json::from_slice(bytes)
     }
 
-    /// The session data as the `X-Session` header value: the same text as
-    /// [`to_ascii_json`], written by a direct walk of the data (this runs on
-    /// every request, and most strings need no escaping at all).
+    /// The session data as the `X-Session` header value: compact JSON that
+    /// is pure printable ASCII (every non-ASCII character and DEL `\u`
+    /// escaped, surrogate pairs above the BMP), so any HTTP stack accepts
+    /// it. Written by a direct walk of the data: this runs on every request,
+    /// and most strings need no escaping at all.
     pub fn header_value(&self) -> String {
         let mut out = Vec::with_capacity(256);
         write_ascii_object(&mut out, &self.data);
@@ -63,49 +65,6 @@ impl io::Write for ByteCounter {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-/// Serialize to JSON that is pure printable ASCII: every non-ASCII character
-/// (and DEL) is `\u` escaped, with surrogate pairs above the BMP, so any HTTP
-/// stack accepts it as a header value.
-pub fn to_ascii_json<T: Serialize + ?Sized>(value: &T) -> String {
-    let mut out = Vec::with_capacity(128);
-    let mut ser = serde_json::Serializer::with_formatter(&mut out, AsciiFormatter);
-    value
-        .serialize(&mut ser)
-        .expect("JSON values always serialize");
-    // The formatter only ever writes ASCII.
-    String::from_utf8(out).expect("ASCII is UTF-8")
-}
-
-struct AsciiFormatter;
-
-impl serde_json::ser::Formatter for AsciiFormatter {
-    fn write_string_fragment<W: ?Sized + io::Write>(
-        &mut self,
-        writer: &mut W,
-        fragment: &str,
-    ) -> io::Result<()> {
-        let bytes = fragment.as_bytes();
-        // Almost all session data is printable ASCII: one vectorizable scan
-        // instead of decoding every character.
-        if bytes.iter().all(|&b| b < 0x7f) {
-            return writer.write_all(bytes);
-        }
-        let mut start = 0;
-        for (i, ch) in fragment.char_indices() {
-            if ch.is_ascii() && ch != '\x7f' {
-                continue;
-            }
-            writer.write_all(&bytes[start..i])?;
-            let mut units = [0u16; 2];
-            for unit in ch.encode_utf16(&mut units) {
-                write!(writer, "\\u{:04x}", unit)?;
-            }
-            start = i + ch.len_utf8();
-        }
-        writer.write_all(&bytes[start..])
     }
 }
 
@@ -221,6 +180,48 @@ pub fn merge_patch(target: &mut Map<String, Value>, patch: &Map<String, Value>) 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The reference `header_value` must match, byte for byte: serde_json
+    /// with a formatter that `\u`-escapes non-ASCII and DEL.
+    fn to_ascii_json<T: Serialize + ?Sized>(value: &T) -> String {
+        let mut out = Vec::with_capacity(128);
+        let mut ser = serde_json::Serializer::with_formatter(&mut out, AsciiFormatter);
+        value
+            .serialize(&mut ser)
+            .expect("JSON values always serialize");
+        // The formatter only ever writes ASCII.
+        String::from_utf8(out).expect("ASCII is UTF-8")
+    }
+
+    struct AsciiFormatter;
+
+    impl serde_json::ser::Formatter for AsciiFormatter {
+        fn write_string_fragment<W: ?Sized + io::Write>(
+            &mut self,
+            writer: &mut W,
+            fragment: &str,
+        ) -> io::Result<()> {
+            let bytes = fragment.as_bytes();
+            // Almost all session data is printable ASCII: one vectorizable scan
+            // instead of decoding every character.
+            if bytes.iter().all(|&b| b < 0x7f) {
+                return writer.write_all(bytes);
+            }
+            let mut start = 0;
+            for (i, ch) in fragment.char_indices() {
+                if ch.is_ascii() && ch != '\x7f' {
+                    continue;
+                }
+                writer.write_all(&bytes[start..i])?;
+                let mut units = [0u16; 2];
+                for unit in ch.encode_utf16(&mut units) {
+                    write!(writer, "\\u{:04x}", unit)?;
+                }
+                start = i + ch.len_utf8();
+            }
+            writer.write_all(&bytes[start..])
+        }
+    }
 
     fn obj(v: Value) -> Map<String, Value> {
         match v {

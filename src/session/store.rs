@@ -31,9 +31,6 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub fn unavailable(e: impl std::fmt::Display) -> Self {
-        StoreError::Unavailable(e.to_string())
-    }
     pub fn backend(e: impl std::fmt::Display) -> Self {
         StoreError::Backend(e.to_string())
     }

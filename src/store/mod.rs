@@ -178,10 +178,6 @@ impl StoreHandle {
         Ok(StoreHandle { config, ready })
     }
 
-    pub fn config(&self) -> &StoreConfig {
-        &self.config
-    }
-
     /// A handle for another runtime: shares in-process stores (they must be
     /// one instance), connects networked stores anew on first use there.
     pub fn sibling(&self) -> StoreHandle {
