@@ -194,8 +194,16 @@ impl Inner {
 
     /// Remove expired (and corrupt) files and stale temp files.
     fn purge(&self) -> Result<u64, StoreError> {
+        self.sweep().map(|(purged, _)| purged)
+    }
+
+    /// One pass over the directory: remove expired (and corrupt) files and
+    /// stale temp files; return how many sessions were removed and the live
+    /// ones with their expiry.
+    fn sweep(&self) -> Result<(u64, Vec<(u64, String)>), StoreError> {
         let now = to_ms(SystemTime::now());
         let mut purged = 0;
+        let mut live = Vec::new();
         for entry in fs::read_dir(&self.dir)
             .map_err(io_err)?
             .filter_map(Result::ok)
@@ -215,12 +223,18 @@ impl Inner {
             if name.len() != 64 {
                 continue;
             }
-            let _guard = self.stripe(&name);
-            if self.expiry_of(&name).is_none_or(|exp| exp <= now) && self.remove(&name)? {
-                purged += 1;
+            match self.expiry_of(&name) {
+                Some(exp) if exp > now => live.push((exp, name)),
+                _ => {
+                    // Re-check under the lock: it may have been rewritten.
+                    let _guard = self.stripe(&name);
+                    if self.expiry_of(&name).is_none_or(|exp| exp <= now) && self.remove(&name)? {
+                        purged += 1;
+                    }
+                }
             }
         }
-        Ok(purged)
+        Ok((purged, live))
     }
 
     /// Keep the number of files under the threshold: expired files first,
@@ -243,24 +257,10 @@ impl Inner {
         result
     }
 
-    /// One pass over the directory: remove expired files, then, if more
-    /// than `keep` live ones remain, those closest to expiry.
+    /// Remove expired files, then, if more than `keep` live ones remain,
+    /// those closest to expiry.
     fn prune_to(&self, keep: usize) -> Result<(), StoreError> {
-        let now = to_ms(SystemTime::now());
-        let mut live: Vec<(u64, String)> = Vec::new();
-        for entry in session_files(&self.dir).map_err(io_err)? {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            match self.expiry_of(&name) {
-                Some(exp) if exp > now => live.push((exp, name)),
-                _ => {
-                    // Re-check under the lock: it may have been rewritten.
-                    let _guard = self.stripe(&name);
-                    if self.expiry_of(&name).is_none_or(|exp| exp <= now) {
-                        self.remove(&name)?;
-                    }
-                }
-            }
-        }
+        let (_, mut live) = self.sweep()?;
         self.count.store(live.len(), Ordering::Relaxed);
         if live.len() <= keep {
             return Ok(());
