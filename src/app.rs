@@ -16,7 +16,7 @@ use std::time::Duration;
 /// Run the gateway until SIGTERM/SIGINT. With `demo`, also serve the
 /// bundled demo app on the first upstream address.
 pub fn run(config: Config, demo: bool) -> Result<(), String> {
-    let store = StoreHandle::new(config.store.backend.clone()).map_err(|e| e.to_string())?;
+    let store = StoreHandle::new(&config.store.backend).map_err(|e| e.to_string())?;
     let purge_store = store.sibling();
     let engine = Arc::new(SessionEngine::new(&config, store));
 
@@ -76,7 +76,7 @@ pub fn run(config: Config, demo: bool) -> Result<(), String> {
                 .map(|u| u.to_string())
                 .collect::<Vec<_>>()
                 .join(", "),
-            config.store.backend.kind()
+            config.store.backend.kind
         );
     }
     server.run(RunArgs {
@@ -124,18 +124,17 @@ fn one_shot_runtime() -> Result<tokio::runtime::Runtime, String> {
 
 /// `--test` / `check`: connect to the store and describe what would run.
 pub fn check(config: &Config) -> Result<String, String> {
-    let store = StoreHandle::new(config.store.backend.clone()).map_err(|e| e.to_string())?;
-    let key = config.store.backend.primary_key();
+    let store = StoreHandle::new(&config.store.backend).map_err(|e| e.to_string())?;
+    let key = store.primary_key();
+    // Connecting may take longer than one request's budget (TLS, a pool's
+    // first connection), so --test waits at least 5s.
+    let budget = config.store.timeout.max(Duration::from_secs(5));
     one_shot_runtime()?.block_on(async {
-        let result =
-            tokio::time::timeout(config.store.timeout.max(Duration::from_secs(5)), async {
-                store.get().await?.check().await
-            })
-            .await;
+        let result = tokio::time::timeout(budget, async { store.get().await?.check().await }).await;
         match result {
             Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => Err(format!("{key}: {e}")),
-            Err(_) => Err(format!("{key}: store did not answer within 5s")),
+            Err(_) => Err(format!("{key}: store did not answer within {budget:?}")),
         }
     })?;
     let c = &config.cookie;
@@ -152,7 +151,7 @@ pub fn check(config: &Config) -> Result<String, String> {
         config.listen.join(", "),
         config.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
         if config.upstreams.len() > 1 { "round-robin" } else { "single" },
-        config.store.backend.describe(),
+        config.store.backend.spec.describe(),
         c.name,
         c.path,
         c.domain.as_ref().map(|d| format!("; Domain={d}")).unwrap_or_default(),
@@ -177,8 +176,8 @@ pub fn check(config: &Config) -> Result<String, String> {
 
 /// `cleanup`: purge expired sessions once (for cron) and report how many.
 pub fn cleanup(config: &Config) -> Result<u64, String> {
-    let store = StoreHandle::new(config.store.backend.clone()).map_err(|e| e.to_string())?;
-    let key = config.store.backend.primary_key();
+    let store = StoreHandle::new(&config.store.backend).map_err(|e| e.to_string())?;
+    let key = store.primary_key();
     one_shot_runtime()?.block_on(async {
         let store = store.get().await.map_err(|e| format!("{key}: {e}"))?;
         store

@@ -10,3 +10,4 @@ pub mod proxy;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod yaml;

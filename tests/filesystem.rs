@@ -8,10 +8,7 @@ use common::gateway::run_cli;
 use common::protocol::{setup, Browser};
 use common::StoreFixture;
 use serde_json::json;
-use session_gateway::session::SessionStore;
-use session_gateway::store::filesystem::FilesystemStore;
 use std::os::unix::fs::PermissionsExt;
-use std::sync::Arc;
 
 async fn fixture() -> StoreFixture {
     let dir = tempfile::tempdir().unwrap();
@@ -24,14 +21,8 @@ async fn fixture() -> StoreFixture {
     StoreFixture::new(yaml, dir)
 }
 
-async fn store() -> (Arc<dyn SessionStore>, tempfile::TempDir) {
-    let dir = tempfile::tempdir().unwrap();
-    (Arc::new(FilesystemStore::open(dir.path(), 0).unwrap()), dir)
-}
-
-protocol_suite!(fixture);
+store_suites!(fixture);
 persistence_suite!(fixture);
-store_contract!(store);
 
 fn sessions_dir(s: &common::protocol::Setup) -> std::path::PathBuf {
     let dir: &tempfile::TempDir = s.fx.guard.downcast_ref().unwrap();

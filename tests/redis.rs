@@ -14,7 +14,7 @@ use common::redis_server::RedisServer;
 use common::StoreFixture;
 use serde_json::json;
 use session_gateway::session::{SessionRecord, SessionStore, Update, UpdateOutcome};
-use session_gateway::store::redis::{RedisConfig, RedisStore};
+use session_gateway::store::redis::RedisConfig;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -37,16 +37,9 @@ async fn fixture() -> StoreFixture {
     StoreFixture::new(store_yaml(&server.url()), server)
 }
 
-async fn store() -> (Arc<dyn SessionStore>, RedisServer) {
-    let server = RedisServer::start();
-    (connect_store(&server).await, server)
-}
-
 /// A store of its own (as another gateway process would have).
 async fn connect_store(server: &RedisServer) -> Arc<dyn SessionStore> {
-    let yaml = format!("{{url: \"{}\"}}", server.url());
-    let config = RedisConfig::parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
-    Arc::new(RedisStore::connect(&config).await.expect("connect"))
+    common::open_store(&store_yaml(&server.url())).await
 }
 
 fn record(v: serde_json::Value) -> SessionRecord {
@@ -59,9 +52,8 @@ fn record(v: serde_json::Value) -> SessionRecord {
     }
 }
 
-protocol_suite!(fixture);
+store_suites!(fixture);
 persistence_suite!(fixture);
-store_contract!(store);
 
 fn server(s: &Setup) -> &RedisServer {
     s.fx.guard.downcast_ref().unwrap()
@@ -98,6 +90,8 @@ async fn key_holds_the_record_and_ttl_is_the_lifetime() {
         "PTTL {pttl} is not the 1h lifetime"
     );
     let raw: Vec<u8> = query(&s, &["GET", &key]);
+    // The header-ready form: a flag byte, then the X-Session value.
+    assert_eq!(raw, b"P{\"user\":\"ada\"}");
     let record = SessionRecord::from_stored(&raw).unwrap();
     assert_eq!(
         serde_json::Value::Object(record.data),
@@ -401,15 +395,16 @@ async fn update_applies_again_when_another_writer_got_in_between() {
     let store = connect_store(&server).await;
     let ttl = Duration::from_secs(600);
     assert!(store
-        .create("race", &record(json!({"a": 1})), ttl)
+        .create("race", &record(json!({"a": 1})).encode(), ttl)
         .await
         .unwrap());
     let other = Mutex::new(server.client());
     let calls = AtomicUsize::new(0);
     let out = store
-        .update("race", ttl, &|mut r: SessionRecord| {
+        .update("race", ttl, &|current: &[u8]| {
+            let mut r = SessionRecord::from_stored(current).unwrap();
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                let theirs = record(json!({"a": 1, "theirs": true})).to_stored();
+                let theirs = record(json!({"a": 1, "theirs": true})).encode().to_vec();
                 let () = redis::cmd("SET")
                     .arg("race")
                     .arg(theirs)
@@ -419,7 +414,7 @@ async fn update_applies_again_when_another_writer_got_in_between() {
                     .unwrap();
             }
             r.data.insert("mine".into(), json!(true));
-            Ok(Update::Write(r))
+            Ok(Update::Write(r.encode()))
         })
         .await
         .unwrap();
@@ -429,8 +424,11 @@ async fn update_applies_again_when_another_writer_got_in_between() {
         "the conflict was not noticed"
     );
     let expected = record(json!({"a": 1, "theirs": true, "mine": true}));
-    assert_eq!(out, UpdateOutcome::Written(expected.clone()));
-    assert_eq!(store.load("race").await.unwrap().unwrap().record, expected);
+    assert_eq!(out, UpdateOutcome::Written(expected.encode()));
+    assert_eq!(
+        store.load("race").await.unwrap().unwrap().value,
+        expected.encode()
+    );
 }
 
 /// 50 concurrent read-modify-writes of one session from five stores (five

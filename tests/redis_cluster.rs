@@ -11,25 +11,15 @@ use common::protocol::{get_with_cookie, setup, Browser};
 use common::redis_server::{cluster_yaml, connect, shared_cluster, RedisCluster};
 use common::StoreFixture;
 use serde_json::json;
-use session_gateway::session::SessionStore;
-use session_gateway::store::redis::{RedisConfig, RedisStore};
+
 use std::process::{Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 async fn fixture() -> StoreFixture {
     StoreFixture::new(cluster_yaml(shared_cluster()), ())
 }
 
-async fn store() -> (Arc<dyn SessionStore>, ()) {
-    let yaml = format!("{{cluster: [{}]}}", shared_cluster().join(", "));
-    let config = RedisConfig::parse(serde_yaml::from_str(&yaml).unwrap()).unwrap();
-    let store = RedisStore::connect(&config).await.expect("connect");
-    (Arc::new(store), ())
-}
-
-store_contract!(store);
-protocol_suite!(fixture);
+store_suites!(fixture);
 persistence_suite!(fixture);
 
 fn dbsize(port: u16) -> i64 {

@@ -5,8 +5,8 @@
 use serde_json::{Map, Value};
 use session_gateway::session::SessionRecord;
 
-/// A permanent record whose data is `bytes` long (within a few bytes) as
-/// compact JSON.
+/// A permanent record whose `X-Session` value is `bytes` long (within a
+/// few bytes).
 pub fn record_of(bytes: usize) -> SessionRecord {
     let mut data = Map::new();
     data.insert("user_id".into(), Value::from(123_456));
@@ -21,8 +21,8 @@ pub fn record_of(bytes: usize) -> SessionRecord {
         data,
     };
     let mut i = 0;
-    while record.data_len() < bytes {
-        let left = bytes - record.data_len();
+    while record.header_value().len() < bytes {
+        let left = bytes - record.header_value().len();
         // `,"kNN":"..."` costs 9-10 bytes around the value.
         let fill = left.saturating_sub(10).clamp(1, 60);
         record

@@ -328,12 +328,8 @@ async fn run_one(
 }
 
 fn main() {
-    let options = match Options::parse(std::env::args().skip(1)) {
-        Ok(Some(o)) => o,
-        Ok(None) => {
-            print!("{}", options::HELP);
-            return;
-        }
+    let options = match Options::parse() {
+        Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
             std::process::exit(2);

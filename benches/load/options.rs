@@ -1,59 +1,9 @@
 //! Command-line options of the load bench (the arguments after `--` in
-//! `cargo bench --bench load -- ...`). `--help` prints them.
+//! `cargo bench --bench load -- ...`), through clap. `--help` prints them.
 
+use clap::Parser;
 use std::path::PathBuf;
 use std::time::Duration;
-
-pub const HELP: &str = "\
-session-gateway load benchmark: what a session costs, next to a bare proxy
-
-usage: cargo bench --bench load -- [options]
-
-  --stores LIST         stores to run, comma-separated; `baseline` (the same
-                        gateway with sessions off on every path) always runs
-                        first unless --no-baseline
-                        [baseline,memory,filesystem,redis,sqlite,postgres,mysql]
-  --scenarios LIST      read,write,new,read-4k,read-rate,read-c256 [all]
-                          read       live session, read-only (the common case)
-                          write      like read, WRITE-RATIO of requests patch
-                          new        no cookie; the app creates a session
-                          read-4k    read with LARGE-SIZE sessions
-                          read-rate  read at a fixed request rate (RATE), so
-                                     every store is compared at the same load
-                          read-c256  read over HIGH-CONNECTIONS connections
-  --focus-stores LIST   stores that also run read-rate and read-c256
-                        [baseline,memory,redis]
-  --rate N              req/s of read-rate [half the baseline's read req/s
-                        in this run, or 5000 without one]
-  --duration D          measured time per scenario [4s]
-  --warmup D            unmeasured load before it [1s]
-  --connections N       connections of the standard scenarios [64]
-  --high-connections N  connections of read-c256 [256]
-  --clients N           virtual clients (sessions) per connection [16]
-  --size BYTES          session data size [100]
-  --large-size BYTES    session data size of read-4k [4096]
-  --write-ratio R       share of writes in `write`, 0..1 [0.1]
-  --gateway-threads N   `server.threads` of the gateway [1]
-  --client-threads N    threads of the load generator + app [1]
-  --rounds N            run the whole matrix N times (baseline and stores
-                        interleaved) and report each scenario's median [1]
-  --gateway PATH        test another build of the gateway (e.g. an older
-                        commit's target/release/session-gateway)
-  --out DIR             where JSON results go [<target>/bench-results]
-  --quick               --duration 2s --warmup 500ms
-  --no-baseline         skip the baseline (no ratios)
-  --hold D              instead of measuring, keep each gateway up for D with
-                        its sessions created and print its address, pid and
-                        a cookie (for wrk, perf, valgrind by hand)
-  --compare OLD NEW     compare two result files and exit
-  -h, --help            this text
-
-Durations: 500ms, 2s, 1m. Everything listens on 127.0.0.1; a private
-redis-server is started on a free port; SQL stores use a table of their own
-(postgres://postgres@127.0.0.1:5432/test, mysql://root@127.0.0.1:3306/test,
-a temporary SQLite file). A store that does not start is reported and
-skipped.
-";
 
 pub const SCENARIOS: [&str; 6] = ["read", "write", "new", "read-4k", "read-rate", "read-c256"];
 
@@ -130,136 +80,192 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs_f64(secs))
 }
 
-fn list(s: &str) -> Vec<String> {
-    s.split(',')
+/// What the rest of the bench reads: `Args` after defaults and checks.
+#[derive(Parser, Debug)]
+#[command(
+    name = "cargo bench --bench load --",
+    about = "session-gateway load benchmark: what a session costs, next to a bare proxy",
+    after_help = "Durations: 500ms, 2s, 1m. Everything listens on 127.0.0.1; a private \
+redis-server is started on a free port; SQL stores use a table of their own \
+(postgres://postgres@127.0.0.1:5432/test, mysql://root@127.0.0.1:3306/test, \
+a temporary SQLite file). A store that does not start is reported and skipped."
+)]
+struct Args {
+    /// Stores to run, comma-separated; `baseline` (the same gateway with
+    /// sessions off on every path) always runs first unless --no-baseline
+    /// [default: every store]
+    #[arg(long, value_delimiter = ',')]
+    stores: Option<Vec<String>>,
+    /// read, write, new, read-4k, read-rate, read-c256 [default: all].
+    /// read: live session, read-only; write: like read, WRITE-RATIO of
+    /// requests patch; new: no cookie, the app creates a session; read-4k:
+    /// read with LARGE-SIZE sessions; read-rate: read at a fixed RATE, so
+    /// every store is compared at the same load; read-c256: read over
+    /// HIGH-CONNECTIONS connections
+    #[arg(long, value_delimiter = ',')]
+    scenarios: Option<Vec<String>>,
+    /// Stores that also run read-rate and read-c256
+    #[arg(long, value_delimiter = ',', default_value = "baseline,memory,redis")]
+    focus_stores: Vec<String>,
+    /// Req/s of read-rate [default: half the baseline's read req/s in this
+    /// run, or 5000 without one]
+    #[arg(long, value_parser = rate)]
+    rate: Option<f64>,
+    /// Measured time per scenario [default: 4s, 2s with --quick]
+    #[arg(long, value_parser = parse_duration)]
+    duration: Option<Duration>,
+    /// Unmeasured load before it [default: 1s, 500ms with --quick]
+    #[arg(long, value_parser = parse_duration)]
+    warmup: Option<Duration>,
+    /// Connections of the standard scenarios
+    #[arg(long, default_value_t = 64, value_parser = at_least_one)]
+    connections: usize,
+    /// Connections of read-c256
+    #[arg(long, default_value_t = 256, value_parser = at_least_one)]
+    high_connections: usize,
+    /// Virtual clients (sessions) per connection
+    #[arg(long, default_value_t = 16, value_parser = at_least_one)]
+    clients: usize,
+    /// Session data size in bytes
+    #[arg(long, default_value_t = 100, value_parser = session_size)]
+    size: usize,
+    /// Session data size of read-4k
+    #[arg(long, default_value_t = 4096, value_parser = session_size)]
+    large_size: usize,
+    /// Share of writes in `write`, 0..1
+    #[arg(long, default_value_t = 0.1, value_parser = ratio)]
+    write_ratio: f64,
+    /// `server.threads` of the gateway
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    gateway_threads: usize,
+    /// Threads of the load generator + app
+    #[arg(long, default_value_t = 1, value_parser = at_least_one)]
+    client_threads: usize,
+    /// Run the whole matrix N times (baseline and stores interleaved) and
+    /// report each scenario's median
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=20))]
+    rounds: u8,
+    /// Test another build of the gateway (e.g. an older commit's
+    /// target/release/session-gateway)
+    #[arg(long)]
+    gateway: Option<PathBuf>,
+    /// Where JSON results go [default: <target>/bench-results]
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// --duration 2s --warmup 500ms
+    #[arg(long)]
+    quick: bool,
+    /// Skip the baseline (no ratios)
+    #[arg(long)]
+    no_baseline: bool,
+    /// Instead of measuring, keep each gateway up for D with its sessions
+    /// created and print its address, pid and a cookie (for wrk, perf,
+    /// valgrind by hand)
+    #[arg(long, value_parser = parse_duration)]
+    hold: Option<Duration>,
+    /// Compare two result files and exit
+    #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
+    compare: Option<Vec<PathBuf>>,
+    /// Passed to every bench binary by `cargo bench`.
+    #[arg(long, hide = true)]
+    bench: bool,
+}
+
+fn at_least_one(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!("`{s}` is not a number of at least 1")),
+    }
+}
+
+fn session_size(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if n <= 60_000 => Ok(n),
+        _ => Err(format!(
+            "`{s}`: sessions above 60000 bytes exceed what a header carries"
+        )),
+    }
+}
+
+fn ratio(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| (0.0..=1.0).contains(r))
+        .ok_or_else(|| format!("`{s}` is not in 0..1"))
+}
+
+fn rate(s: &str) -> Result<f64, String> {
+    s.parse::<f64>()
+        .ok()
+        .filter(|r| (1.0..=1e6).contains(r))
+        .ok_or_else(|| format!("`{s}` is not in 1..1000000"))
+}
+
+fn lower(list: Vec<String>) -> Vec<String> {
+    list.into_iter()
         .map(|x| x.trim().to_ascii_lowercase())
         .filter(|x| !x.is_empty())
         .collect()
 }
 
+fn known(what: &str, given: &[String], known: &[&str]) -> Result<(), String> {
+    match given.iter().find(|s| !known.contains(&s.as_str())) {
+        Some(s) => Err(format!(
+            "unknown {what} `{s}` (known: {})",
+            known.join(", ")
+        )),
+        None => Ok(()),
+    }
+}
+
 impl Options {
-    pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Option<Options>, String> {
-        let mut o = Options::default();
-        let mut args = args.into_iter();
-        let mut explicit_duration = false;
-        let mut explicit_warmup = false;
-        let mut quick = false;
-        while let Some(arg) = args.next() {
-            let (name, inline) = match arg.split_once('=') {
-                Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
-                _ => (arg.clone(), None),
-            };
-            let mut value = || {
-                inline
-                    .clone()
-                    .or_else(|| args.next())
-                    .ok_or_else(|| format!("{name} needs a value"))
-            };
-            let number = |v: String| {
-                v.parse::<usize>()
-                    .map_err(|_| format!("{name}: `{v}` is not a number"))
-            };
-            match name.as_str() {
-                "-h" | "--help" => return Ok(None),
-                // cargo bench passes --bench to every bench binary.
-                "--bench" => {}
-                "--stores" => o.stores = list(&value()?),
-                "--scenarios" => {
-                    o.scenarios = list(&value()?)
+    /// Parse the bench's arguments; `--help` prints and exits.
+    pub fn parse() -> Result<Options, String> {
+        Self::from_args(Args::parse())
+    }
+
+    fn from_args(a: Args) -> Result<Options, String> {
+        let d = Options::default();
+        let (duration, warmup) = if a.quick {
+            (Duration::from_secs(2), Duration::from_millis(500))
+        } else {
+            (d.duration, d.warmup)
+        };
+        let mut o = Options {
+            stores: a.stores.map(lower).unwrap_or(d.stores),
+            scenarios: a
+                .scenarios
+                .map(|l| {
+                    lower(l)
                         .into_iter()
                         .map(|s| if s == "c256" { "read-c256".into() } else { s })
                         .collect()
-                }
-                "--focus-stores" => o.focus_stores = list(&value()?),
-                "--rate" => {
-                    let v = value()?;
-                    o.rate = Some(
-                        v.parse::<f64>()
-                            .ok()
-                            .filter(|r| *r >= 1.0 && *r <= 1e6)
-                            .ok_or_else(|| format!("--rate: `{v}` is not in 1..1000000"))?,
-                    );
-                }
-                "--duration" => {
-                    o.duration = parse_duration(&value()?)?;
-                    explicit_duration = true;
-                }
-                "--warmup" => {
-                    o.warmup = parse_duration(&value()?)?;
-                    explicit_warmup = true;
-                }
-                "--connections" => o.connections = number(value()?)?,
-                "--high-connections" => o.high_connections = number(value()?)?,
-                "--clients" => o.clients = number(value()?)?,
-                "--size" => o.size = number(value()?)?,
-                "--large-size" => o.large_size = number(value()?)?,
-                "--write-ratio" => {
-                    let v = value()?;
-                    o.write_ratio = v
-                        .parse::<f64>()
-                        .ok()
-                        .filter(|r| (0.0..=1.0).contains(r))
-                        .ok_or_else(|| format!("--write-ratio: `{v}` is not in 0..1"))?;
-                }
-                "--gateway-threads" => o.gateway_threads = number(value()?)?,
-                "--client-threads" => o.client_threads = number(value()?)?,
-                "--rounds" => o.rounds = number(value()?)?,
-                "--gateway" => o.gateway = Some(PathBuf::from(value()?)),
-                "--out" => o.out = Some(PathBuf::from(value()?)),
-                "--quick" => quick = true,
-                "--no-baseline" => o.baseline = false,
-                "--hold" => o.hold = Some(parse_duration(&value()?)?),
-                "--compare" => {
-                    let old = PathBuf::from(value()?);
-                    let new = PathBuf::from(
-                        args.next()
-                            .ok_or("--compare needs two files: OLD.json NEW.json")?,
-                    );
-                    o.compare = Some((old, new));
-                }
-                other => return Err(format!("unknown option `{other}` (see --help)")),
-            }
-        }
-        if quick {
-            if !explicit_duration {
-                o.duration = Duration::from_secs(2);
-            }
-            if !explicit_warmup {
-                o.warmup = Duration::from_millis(500);
-            }
-        }
-        for s in o.stores.iter().chain(&o.focus_stores) {
-            if !crate::stores::ALL.contains(&s.as_str()) {
-                return Err(format!(
-                    "unknown store `{s}` (known: {})",
-                    crate::stores::ALL.join(", ")
-                ));
-            }
-        }
-        for s in &o.scenarios {
-            if !SCENARIOS.contains(&s.as_str()) {
-                return Err(format!(
-                    "unknown scenario `{s}` (known: {})",
-                    SCENARIOS.join(", ")
-                ));
-            }
-        }
-        if o.connections == 0 || o.high_connections == 0 || o.clients == 0 {
-            return Err(
-                "--connections, --high-connections and --clients must be at least 1".into(),
-            );
-        }
-        if o.rounds == 0 || o.rounds > 20 {
-            return Err("--rounds must be in 1..=20".into());
-        }
-        if o.gateway_threads == 0 || o.client_threads == 0 {
-            return Err("thread counts must be at least 1".into());
-        }
+                })
+                .unwrap_or(d.scenarios),
+            focus_stores: lower(a.focus_stores),
+            rate: a.rate,
+            duration: a.duration.unwrap_or(duration),
+            warmup: a.warmup.unwrap_or(warmup),
+            connections: a.connections,
+            high_connections: a.high_connections,
+            clients: a.clients,
+            size: a.size,
+            large_size: a.large_size,
+            write_ratio: a.write_ratio,
+            gateway_threads: a.gateway_threads,
+            client_threads: a.client_threads,
+            out: a.out,
+            baseline: !a.no_baseline,
+            compare: a.compare.map(|pair| (pair[0].clone(), pair[1].clone())),
+            hold: a.hold,
+            rounds: usize::from(a.rounds),
+            gateway: a.gateway,
+        };
+        known("store", &o.stores, &crate::stores::ALL)?;
+        known("store", &o.focus_stores, &crate::stores::ALL)?;
+        known("scenario", &o.scenarios, &SCENARIOS)?;
         if o.duration.is_zero() {
             return Err("--duration must be more than 0".into());
-        }
-        if o.size > 60_000 || o.large_size > 60_000 {
-            return Err("session sizes above 60000 bytes exceed what a header carries".into());
         }
         // The baseline runs first; it is never a store under test twice.
         o.stores.retain(|s| s != "baseline");
@@ -267,6 +273,6 @@ impl Options {
             o.stores.insert(0, "baseline".into());
         }
         o.stores.dedup();
-        Ok(Some(o))
+        Ok(o)
     }
 }

@@ -1,6 +1,6 @@
 //! The per-request pure work of a live-session read, timed in-process with
-//! the library's public API: verify the cookie, decode the stored record,
-//! encode the `X-Session` header (1 KiB of session data). `benches/micro.rs`
+//! the library's public API: verify the cookie, check the stored record,
+//! take the `X-Session` header from it (1 KiB of session data). `benches/micro.rs`
 //! measures the same with criterion; this quick copy lets the load bench
 //! print the target next to the others.
 
@@ -8,7 +8,7 @@
 mod data;
 
 use data::record_of;
-use session_gateway::session::{CookieVerifier, SessionId, SessionRecord};
+use session_gateway::session::{CookieVerifier, SessionId, StoredSession};
 use std::hint::black_box;
 use std::time::Instant;
 
@@ -19,14 +19,14 @@ pub fn verify_decode_encode_ns(bytes: usize) -> f64 {
         32,
     );
     let cookie = verifier.sign(&SessionId::generate(32));
-    let stored = record_of(bytes).to_stored();
+    let stored = record_of(bytes).encode();
     let once = || {
         let id = verifier
             .verify(black_box(&cookie))
             .expect("own cookie verifies");
-        let record = SessionRecord::from_stored(black_box(&stored)).expect("decodes");
+        let record = StoredSession::decode(black_box(stored.clone())).expect("decodes");
         black_box(id);
-        black_box(record.header_value())
+        black_box(record.header())
     };
     for _ in 0..2_000 {
         once();

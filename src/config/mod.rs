@@ -3,14 +3,12 @@
 //! ([`Config`]) the rest of the gateway uses. Renaming a user-facing key only
 //! touches this module.
 
-pub mod duration;
 mod env;
 mod schema;
 
-pub use schema::deserialize_at;
+pub use crate::yaml::{deserialize_at, duration, ConfigError};
 
 use crate::store::StoreConfig;
-use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,34 +16,6 @@ use std::time::Duration;
 /// The configuration shipped in `conf/gateway.yaml`, used when no `-c` is
 /// given.
 pub const EMBEDDED_DEFAULT: &str = include_str!("../../conf/gateway.yaml");
-
-/// A configuration problem, always prefixed with the YAML key it is about.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigError {
-    pub key: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
-        ConfigError {
-            key: key.into(),
-            message: message.into(),
-        }
-    }
-}
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.key.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.key, self.message)
-        }
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SameSite {
@@ -109,13 +79,15 @@ pub struct SessionSettings {
     pub id_bytes: usize,
     pub max_bytes: usize,
     pub on_store_error: OnStoreError,
+    /// `session.exclude` as written (each starts with `/`); the proxy
+    /// normalizes them for matching.
     pub exclude: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
     pub backend: StoreConfig,
-    /// Per attempt.
+    /// The whole budget of one store operation, retries included.
     pub timeout: Duration,
     /// Extra attempts for idempotent operations after a failure.
     pub retries: u32,
@@ -167,7 +139,7 @@ impl Config {
         let mut value: serde_yaml::Value = serde_yaml::from_str(text)
             .map_err(|e| ConfigError::new("", format!("invalid YAML: {e}")))?;
         env::substitute(&mut value, &mut String::new())?;
-        let file: schema::File = schema::deserialize_at(value, "")?;
+        let file: schema::File = deserialize_at(value, "")?;
         file.validate()
     }
 }

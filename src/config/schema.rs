@@ -6,81 +6,12 @@ use super::{
     duration, resolve_addrs, Config, ConfigError, CookieSettings, HeaderNames, OnStoreError,
     SameSite, ServerSettings, SessionSettings, StoreSettings, MIN_SECRET_BYTES,
 };
-use serde::de::{self, DeserializeOwned, Deserializer, SeqAccess, Visitor};
+use crate::store::StoreContext;
+use crate::yaml::{deserialize_at, OneOrMany};
 use serde::Deserialize;
 use serde_yaml::Value;
-use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
-
-/// Deserialize `value` as `T`, reporting errors with the YAML key path,
-/// prefixed by `prefix` (the key `value` sits under).
-pub fn deserialize_at<T: DeserializeOwned>(value: Value, prefix: &str) -> Result<T, ConfigError> {
-    serde_path_to_error::deserialize(value).map_err(|err| {
-        let mut key = prefix.to_string();
-        let path = err.path().to_string();
-        if path != "." {
-            if !key.is_empty() && !path.starts_with('[') {
-                key.push('.');
-            }
-            key.push_str(&path);
-        }
-        let msg = err.into_inner().to_string();
-        // Point at the offending key itself for unknown and missing keys.
-        for (marker, text) in [
-            ("unknown field `", "unknown key"),
-            ("missing field `", "required key is missing"),
-        ] {
-            if let Some(rest) = msg.strip_prefix(marker) {
-                if let Some((field, tail)) = rest.split_once('`') {
-                    let last = key.rsplit(['.', '[']).next().unwrap_or("");
-                    if last != field {
-                        if !key.is_empty() {
-                            key.push('.');
-                        }
-                        key.push_str(field);
-                    }
-                    let tail = tail.trim_start_matches(',').trim();
-                    let tail = tail.replace("expected one of", "known keys:");
-                    let message = if tail.is_empty() || marker.starts_with("missing") {
-                        text.to_string()
-                    } else {
-                        format!("{text} ({tail})")
-                    };
-                    return ConfigError::new(key, message);
-                }
-            }
-        }
-        ConfigError::new(key, msg)
-    })
-}
-
-/// A string or a list of strings.
-#[derive(Debug, Default)]
-pub struct OneOrMany(pub Vec<String>);
-
-impl<'de> Deserialize<'de> for OneOrMany {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> Visitor<'de> for V {
-            type Value = OneOrMany;
-            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("a host:port string or a list of them")
-            }
-            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![v.to_string()]))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
-                let mut out = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    out.push(s);
-                }
-                Ok(OneOrMany(out))
-            }
-        }
-        d.deserialize_any(V)
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -216,7 +147,7 @@ fn is_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
-fn parse_store(value: Value) -> Result<StoreSettings, ConfigError> {
+fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings, ConfigError> {
     let Value::Mapping(mut map) = value else {
         return Err(ConfigError::new(
             "store",
@@ -243,14 +174,14 @@ fn parse_store(value: Value) -> Result<StoreSettings, ConfigError> {
             "must be greater than zero",
         ));
     }
-    #[allow(unused_mut)]
-    let mut backend = crate::store::StoreConfig::parse(&kind, Value::Mapping(map))?;
-    // A dead database should fail a request within its budget, not wait
-    // for a pooled connection longer than that.
-    #[cfg(feature = "sql")]
-    if let crate::store::StoreConfig::Sql(sql) = &mut backend {
-        sql.acquire_timeout = common.timeout.max(Duration::from_millis(250));
-    }
+    let ctx = StoreContext {
+        timeout: common.timeout,
+        retries: common.retries,
+        cleanup_interval: common.cleanup_interval,
+        key_prefix: session.key_prefix.clone(),
+        max_key_len: session.key_prefix.len() + (session.id_bytes * 4).div_ceil(3),
+    };
+    let backend = crate::store::parse(&kind, Value::Mapping(map), &ctx)?;
     Ok(StoreSettings {
         backend,
         timeout: common.timeout,
@@ -311,73 +242,109 @@ fn load_secret_file(path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
 }
 
 impl File {
+    /// Check everything serde cannot and build the internal model. Each
+    /// step names the key of the first problem it finds.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        // listen / upstream
-        if self.listen.0.is_empty() {
-            return Err(ConfigError::new(
-                "listen",
-                "at least one address is required",
-            ));
-        }
-        resolve_addrs("listen", &self.listen.0)?;
-        if self.upstream.0.is_empty() {
-            return Err(ConfigError::new(
-                "upstream",
-                "at least one address is required",
-            ));
-        }
-        let upstreams = resolve_addrs("upstream", &self.upstream.0)?;
+        let (listen, upstreams) = addresses(self.listen, self.upstream)?;
+        let keys = secret_keys(&self.secret_keys, self.secret_key_file.as_ref())?;
+        let cookie = self.cookie.validate()?;
+        let session = self.session.validate()?;
+        let server = self.server.validate()?;
+        let store = parse_store(self.store, &session)?;
+        let log_level = validate_log_level(self.log_level)?;
+        Ok(Config {
+            listen,
+            upstreams,
+            keys,
+            secret_key_file: self.secret_key_file,
+            cookie,
+            session,
+            store,
+            server,
+            log_level,
+        })
+    }
+}
 
-        // secrets
-        let mut keys = Vec::new();
-        for (i, k) in self.secret_keys.iter().enumerate() {
-            if k.len() < MIN_SECRET_BYTES {
-                return Err(ConfigError::new(
-                    format!("secret_keys[{i}]"),
-                    format!(
-                        "secret is {} bytes; at least {MIN_SECRET_BYTES} are required (e.g. `openssl rand -base64 48`)",
-                        k.len()
-                    ),
-                ));
-            }
-            keys.push(k.as_bytes().to_vec());
-        }
-        if let Some(path) = &self.secret_key_file {
-            let k = load_secret_file(path)?;
-            if k.len() < MIN_SECRET_BYTES {
-                return Err(ConfigError::new(
-                    "secret_key_file",
-                    format!(
-                        "{} holds {} bytes; at least {MIN_SECRET_BYTES} are required",
-                        path.display(),
-                        k.len()
-                    ),
-                ));
-            }
-            keys.push(k);
-        }
-        if keys.is_empty() {
+fn addresses(
+    listen: OneOrMany,
+    upstream: OneOrMany,
+) -> Result<(Vec<String>, Vec<std::net::SocketAddr>), ConfigError> {
+    if listen.0.is_empty() {
+        return Err(ConfigError::new(
+            "listen",
+            "at least one address is required",
+        ));
+    }
+    resolve_addrs("listen", &listen.0)?;
+    if upstream.0.is_empty() {
+        return Err(ConfigError::new(
+            "upstream",
+            "at least one address is required",
+        ));
+    }
+    let upstreams = resolve_addrs("upstream", &upstream.0)?;
+    Ok((listen.0, upstreams))
+}
+
+/// `secret_keys` then the key of `secret_key_file`: the first signs.
+fn secret_keys(
+    secret_keys: &[String],
+    secret_key_file: Option<&PathBuf>,
+) -> Result<Vec<Vec<u8>>, ConfigError> {
+    let mut keys = Vec::new();
+    for (i, k) in secret_keys.iter().enumerate() {
+        if k.len() < MIN_SECRET_BYTES {
             return Err(ConfigError::new(
-                "secret_keys",
-                "at least one secret key is required (or set secret_key_file)",
+                format!("secret_keys[{i}]"),
+                format!(
+                    "secret is {} bytes; at least {MIN_SECRET_BYTES} are required (e.g. `openssl rand -base64 48`)",
+                    k.len()
+                ),
             ));
         }
+        keys.push(k.as_bytes().to_vec());
+    }
+    if let Some(path) = secret_key_file {
+        let k = load_secret_file(path)?;
+        if k.len() < MIN_SECRET_BYTES {
+            return Err(ConfigError::new(
+                "secret_key_file",
+                format!(
+                    "{} holds {} bytes; at least {MIN_SECRET_BYTES} are required",
+                    path.display(),
+                    k.len()
+                ),
+            ));
+        }
+        keys.push(k);
+    }
+    if keys.is_empty() {
+        return Err(ConfigError::new(
+            "secret_keys",
+            "at least one secret key is required (or set secret_key_file)",
+        ));
+    }
+    Ok(keys)
+}
 
-        // cookie
-        let c = self.cookie;
-        if !is_token(&c.name) {
+impl Cookie {
+    fn validate(self) -> Result<CookieSettings, ConfigError> {
+        if !is_token(&self.name) {
             return Err(ConfigError::new(
                 "cookie.name",
-                format!("`{}` is not a valid cookie name", c.name),
+                format!("`{}` is not a valid cookie name", self.name),
             ));
         }
-        if !c.path.starts_with('/') || c.path.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+        if !self.path.starts_with('/')
+            || self.path.bytes().any(|b| b == b';' || b.is_ascii_control())
+        {
             return Err(ConfigError::new(
                 "cookie.path",
                 "must start with `/` and contain no `;`",
             ));
         }
-        if let Some(d) = &c.domain {
+        if let Some(d) = &self.domain {
             if d.is_empty()
                 || d.bytes().any(|b| {
                     b == b';' || b == b',' || b.is_ascii_whitespace() || b.is_ascii_control()
@@ -389,7 +356,7 @@ impl File {
                 ));
             }
         }
-        let same_site = match c.same_site.to_ascii_lowercase().as_str() {
+        let same_site = match self.same_site.to_ascii_lowercase().as_str() {
             "lax" => SameSite::Lax,
             "strict" => SameSite::Strict,
             "none" => SameSite::None,
@@ -400,53 +367,63 @@ impl File {
                 ))
             }
         };
-        if same_site == SameSite::None && !c.secure {
+        if same_site == SameSite::None && !self.secure {
             return Err(ConfigError::new(
                 "cookie.same_site",
                 "`none` requires `cookie.secure: true` (browsers drop SameSite=None cookies without Secure)",
             ));
         }
+        Ok(CookieSettings {
+            name: self.name,
+            domain: self.domain,
+            path: self.path,
+            secure: self.secure,
+            http_only: self.http_only,
+            same_site,
+        })
+    }
+}
 
-        // session
-        let s = self.session;
-        if !is_token(&s.header) {
+impl Session {
+    fn validate(self) -> Result<SessionSettings, ConfigError> {
+        if !is_token(&self.header) {
             return Err(ConfigError::new(
                 "session.header",
-                format!("`{}` is not a valid header name", s.header),
+                format!("`{}` is not a valid header name", self.header),
             ));
         }
-        if s.lifetime < Duration::from_secs(1) {
+        if self.lifetime < Duration::from_secs(1) {
             return Err(ConfigError::new("session.lifetime", "must be at least 1s"));
         }
-        let expiry_update_interval = match s.expiry_update_interval {
-            Some(i) if i >= s.lifetime => {
+        let expiry_update_interval = match self.expiry_update_interval {
+            Some(i) if i >= self.lifetime => {
                 return Err(ConfigError::new(
                     "session.expiry_update_interval",
                     "must be shorter than session.lifetime",
                 ))
             }
             Some(i) => i,
-            None => s.lifetime / 100,
+            None => self.lifetime / 100,
         };
-        if !(16..=64).contains(&s.id_bytes) {
+        if !(16..=64).contains(&self.id_bytes) {
             return Err(ConfigError::new(
                 "session.id_bytes",
-                format!("{} is out of range 16..=64", s.id_bytes),
+                format!("{} is out of range 16..=64", self.id_bytes),
             ));
         }
-        if s.max_bytes == 0 || s.max_bytes > 1 << 20 {
+        if self.max_bytes == 0 || self.max_bytes > 1 << 20 {
             return Err(ConfigError::new(
                 "session.max_bytes",
                 "must be between 1 and 1048576",
             ));
         }
-        if s.key_prefix.len() > 128 {
+        if self.key_prefix.len() > 128 {
             return Err(ConfigError::new(
                 "session.key_prefix",
                 "must be at most 128 bytes",
             ));
         }
-        let on_store_error = match s.on_store_error.as_str() {
+        let on_store_error = match self.on_store_error.as_str() {
             "fail_closed" => OnStoreError::FailClosed,
             "fail_open" => OnStoreError::FailOpen,
             other => {
@@ -456,71 +433,52 @@ impl File {
                 ))
             }
         };
-        let mut exclude = Vec::new();
-        for (i, p) in s.exclude.iter().enumerate() {
+        for (i, p) in self.exclude.iter().enumerate() {
             if !p.starts_with('/') {
                 return Err(ConfigError::new(
                     format!("session.exclude[{i}]"),
                     format!("`{p}` must start with `/`"),
                 ));
             }
-            exclude.push(crate::proxy::path::normalize(p));
         }
+        Ok(SessionSettings {
+            headers: HeaderNames::new(&self.header),
+            permanent: self.permanent,
+            lifetime: self.lifetime,
+            refresh_each_request: self.refresh_each_request,
+            expiry_update_interval,
+            key_prefix: self.key_prefix,
+            id_bytes: self.id_bytes,
+            max_bytes: self.max_bytes,
+            on_store_error,
+            exclude: self.exclude,
+        })
+    }
+}
 
-        // server
+impl Server {
+    fn validate(self) -> Result<ServerSettings, ConfigError> {
         let threads = self
-            .server
             .threads
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         if threads == 0 {
             return Err(ConfigError::new("server.threads", "must be at least 1"));
         }
-
-        let store = parse_store(self.store)?;
-
-        if !["trace", "debug", "info", "warn", "error", "off"].contains(&self.log_level.as_str()) {
-            return Err(ConfigError::new(
-                "log_level",
-                format!(
-                    "`{}`: expected trace | debug | info | warn | error | off",
-                    self.log_level
-                ),
-            ));
-        }
-
-        Ok(Config {
-            listen: self.listen.0,
-            upstreams,
-            keys,
-            secret_key_file: self.secret_key_file,
-            cookie: CookieSettings {
-                name: c.name,
-                domain: c.domain,
-                path: c.path,
-                secure: c.secure,
-                http_only: c.http_only,
-                same_site,
-            },
-            session: SessionSettings {
-                headers: HeaderNames::new(&s.header),
-                permanent: s.permanent,
-                lifetime: s.lifetime,
-                refresh_each_request: s.refresh_each_request,
-                expiry_update_interval,
-                key_prefix: s.key_prefix,
-                id_bytes: s.id_bytes,
-                max_bytes: s.max_bytes,
-                on_store_error,
-                exclude,
-            },
-            store,
-            server: ServerSettings {
-                threads,
-                grace_period: self.server.grace_period,
-                upstream_connect_timeout: self.server.upstream_connect_timeout,
-                upstream_read_timeout: self.server.upstream_read_timeout,
-            },
-            log_level: self.log_level,
+        Ok(ServerSettings {
+            threads,
+            grace_period: self.grace_period,
+            upstream_connect_timeout: self.upstream_connect_timeout,
+            upstream_read_timeout: self.upstream_read_timeout,
         })
     }
+}
+
+fn validate_log_level(level: String) -> Result<String, ConfigError> {
+    if !["trace", "debug", "info", "warn", "error", "off"].contains(&level.as_str()) {
+        return Err(ConfigError::new(
+            "log_level",
+            format!("`{level}`: expected trace | debug | info | warn | error | off"),
+        ));
+    }
+    Ok(level)
 }

@@ -8,10 +8,11 @@ use super::cookies::{self, Found};
 use super::protocol::{Directives, RawDirectives};
 use crate::config::{Config, CookieSettings, OnStoreError, SessionSettings};
 use crate::session::{
-    merge_patch, CookieVerifier, Loaded, SessionId, SessionRecord, SessionStore, StoreError,
+    merge_patch, CookieVerifier, SessionId, SessionRecord, SessionStore, StoreError, StoredSession,
     Update, UpdateOutcome,
 };
 use crate::store::StoreHandle;
+use bytes::Bytes;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -28,7 +29,11 @@ pub enum SessionState {
     /// if the upstream stores something (lazy).
     Fresh { cookie_present: bool },
     /// A live session loaded from the store.
-    Existing { id: SessionId, loaded: Loaded },
+    Existing {
+        id: SessionId,
+        stored: StoredSession,
+        expires_at: SystemTime,
+    },
     /// The store failed and `on_store_error: fail_open` let the request
     /// through without a session; nothing is written back.
     Unavailable,
@@ -36,11 +41,12 @@ pub enum SessionState {
 
 impl SessionState {
     /// The `X-Session` value for the upstream; `None` on excluded paths.
-    pub fn header_value(&self) -> Option<String> {
+    /// For a loaded session it shares the stored bytes: no copy, no JSON.
+    pub fn header_value(&self) -> Option<Bytes> {
         match self {
             SessionState::Excluded => None,
-            SessionState::Existing { loaded, .. } => Some(loaded.record.header_value()),
-            _ => Some("{}".to_string()),
+            SessionState::Existing { stored, .. } => Some(stored.header()),
+            _ => Some(Bytes::from_static(b"{}")),
         }
     }
 }
@@ -99,10 +105,6 @@ impl SessionEngine {
         }
     }
 
-    pub fn store(&self) -> &StoreHandle {
-        &self.store
-    }
-
     fn key(&self, id: &SessionId) -> String {
         id.store_key(&self.session.key_prefix)
     }
@@ -155,39 +157,32 @@ impl SessionEngine {
         if excluded {
             return Ok(SessionState::Excluded);
         }
-        if self.store.is_null() {
+        if self.store.disables_sessions() {
             return Ok(SessionState::Disabled);
         }
         let cookie_present = cookie.is_present();
-        let id = match cookie {
-            Found::One(value) => self.verifier.verify(&value),
-            Found::Absent => None,
-            Found::Duplicated => {
-                tracing::debug!(
-                    request_id,
-                    "several session cookies; treating as no session"
-                );
-                None
-            }
-        };
-        let Some(id) = id else {
-            if cookie_present {
-                tracing::debug!(
-                    request_id,
-                    "session cookie did not verify; starting a fresh session"
-                );
-            }
+        let Some(id) = self.verify(cookie, request_id) else {
             return Ok(SessionState::Fresh { cookie_present });
         };
         let key = self.key(&id);
-        match self
+        let loaded = self
             .call(true, |s| {
                 let key = &key;
                 async move { s.load(key).await }
             })
-            .await
-        {
-            Ok(Some(loaded)) => Ok(SessionState::Existing { id, loaded }),
+            .await;
+        match loaded {
+            Ok(Some(loaded)) => match StoredSession::decode(loaded.value) {
+                Ok(stored) => Ok(SessionState::Existing {
+                    id,
+                    stored,
+                    expires_at: loaded.expires_at,
+                }),
+                Err(e) => {
+                    tracing::warn!(request_id, error = %e, "ignoring an unreadable stored session; starting fresh");
+                    Ok(SessionState::Fresh { cookie_present })
+                }
+            },
             Ok(None) => {
                 tracing::debug!(
                     request_id,
@@ -208,9 +203,39 @@ impl SessionEngine {
         }
     }
 
+    /// The session id of a verified cookie, if any.
+    fn verify(&self, cookie: Found, request_id: &str) -> Option<SessionId> {
+        let id = match cookie {
+            Found::One(value) => self.verifier.verify(&value),
+            Found::Absent => return None,
+            Found::Duplicated => {
+                tracing::debug!(
+                    request_id,
+                    "several session cookies; treating as no session"
+                );
+                return None;
+            }
+        };
+        if id.is_none() {
+            tracing::debug!(
+                request_id,
+                "session cookie did not verify; starting a fresh session"
+            );
+        }
+        id
+    }
+
     fn cookie_for(&self, id: &SessionId, permanent: bool) -> String {
         self.set_cookie
             .set_cookie(&self.verifier.sign(id), permanent)
+    }
+
+    /// The cookie and Vary of a response whose session is gone.
+    fn gone(&self) -> CommitResult {
+        CommitResult {
+            set_cookie: Some(cookies::expire_cookie(&self.cookie)),
+            vary_cookie: true,
+        }
     }
 
     fn store_failure(&self, request_id: &str, what: &str, e: StoreError) -> Failure {
@@ -233,22 +258,23 @@ impl SessionEngine {
         raw: &RawDirectives,
         request_id: &str,
     ) -> Result<CommitResult, Failure> {
-        let directives = match state {
-            SessionState::Excluded => {
-                if raw.any {
-                    tracing::warn!(request_id, "upstream sent session headers on an excluded path; ignored");
-                }
-                return Ok(CommitResult::default());
+        if let SessionState::Excluded = state {
+            if raw.any {
+                tracing::warn!(
+                    request_id,
+                    "upstream sent session headers on an excluded path; ignored"
+                );
             }
-            _ => raw
-                .parse(&self.session.headers, self.session.max_bytes)
-                .map_err(|e| {
-                    tracing::error!(request_id, error = %e.0, "invalid session update from upstream; answering 502");
-                    Failure::bad_upstream(e.0)
-                })?,
-        };
+            return Ok(CommitResult::default());
+        }
+        let directives = raw
+            .parse(&self.session.headers, self.session.max_bytes)
+            .map_err(|e| {
+                tracing::error!(request_id, error = %e.0, "invalid session update from upstream; answering 502");
+                Failure::bad_upstream(e.0)
+            })?;
         match state {
-            SessionState::Excluded => unreachable!("handled above"),
+            SessionState::Excluded => Ok(CommitResult::default()),
             SessionState::Disabled => {
                 if directives.is_empty() {
                     Ok(CommitResult::default())
@@ -275,14 +301,20 @@ impl SessionEngine {
                 self.commit_fresh(*cookie_present, &directives, request_id)
                     .await
             }
-            SessionState::Existing { id, loaded } => {
-                self.commit_existing(id, loaded, &directives, request_id)
+            SessionState::Existing {
+                id,
+                stored,
+                expires_at,
+            } => {
+                self.commit_existing(id, stored, *expires_at, &directives, request_id)
                     .await
             }
         }
     }
 
-    /// Apply replace, patch and permanence to `record`, enforcing max_bytes.
+    /// Apply replace, patch and permanence to `record` and encode the
+    /// result, enforcing `session.max_bytes` on what the upstream would
+    /// be sent.
     fn apply(&self, mut record: SessionRecord, d: &Directives) -> Result<Update, String> {
         if let Some(replace) = &d.replace {
             record.data = replace.clone();
@@ -296,14 +328,63 @@ impl SessionEngine {
         if record.data.is_empty() {
             return Ok(Update::Delete);
         }
-        let len = record.data_len();
+        let value = record.encode();
+        let len = value.len() - 1;
         if len > self.session.max_bytes {
             return Err(format!(
                 "the session would be {len} bytes, more than session.max_bytes ({})",
                 self.session.max_bytes
             ));
         }
-        Ok(Update::Write(record))
+        Ok(Update::Write(value))
+    }
+
+    /// [`Self::apply`] to a stored value, as a store's update step: a value
+    /// that does not decode is treated as no session.
+    fn apply_stored(&self, current: &[u8], d: &Directives) -> Result<Update, String> {
+        match SessionRecord::from_stored(current) {
+            Ok(record) => self.apply(record, d),
+            Err(e) => {
+                tracing::warn!(error = %e, "stored session unreadable during an update; treating it as gone");
+                Ok(Update::Unreadable)
+            }
+        }
+    }
+
+    /// Store `value` under a new random id. A client-chosen id is never
+    /// adopted; the loop only guards against an (astronomically unlikely)
+    /// collision with a live session.
+    async fn create_with_new_id(
+        &self,
+        value: &Bytes,
+        request_id: &str,
+        what: &str,
+    ) -> Result<SessionId, Failure> {
+        for _ in 0..3 {
+            let id = SessionId::generate(self.session.id_bytes);
+            let key = self.key(&id);
+            let created = self
+                .call(false, |s| {
+                    let key = &key;
+                    async move { s.create(key, value, self.session.lifetime).await }
+                })
+                .await
+                .map_err(|e| self.store_failure(request_id, what, e))?;
+            if created {
+                return Ok(id);
+            }
+        }
+        Err(self.store_failure(
+            request_id,
+            what,
+            StoreError::backend("could not find a free session id"),
+        ))
+    }
+
+    async fn delete(&self, key: &str, request_id: &str, what: &str) -> Result<(), Failure> {
+        self.call(true, |s| async move { s.delete(key).await })
+            .await
+            .map_err(|e| self.store_failure(request_id, what, e))
     }
 
     async fn commit_fresh(
@@ -312,164 +393,146 @@ impl SessionEngine {
         d: &Directives,
         request_id: &str,
     ) -> Result<CommitResult, Failure> {
-        let expire = || CommitResult {
-            set_cookie: cookie_present.then(|| cookies::expire_cookie(&self.cookie)),
-            vary_cookie: cookie_present,
-        };
         if d.destroy {
-            return Ok(expire());
+            return Ok(CommitResult {
+                set_cookie: cookie_present.then(|| cookies::expire_cookie(&self.cookie)),
+                vary_cookie: cookie_present,
+            });
         }
-        let record = match self.apply(SessionRecord::new(self.session.permanent), d) {
-            Ok(Update::Write(record)) => record,
+        let value = match self.apply(SessionRecord::new(self.session.permanent), d) {
+            Ok(Update::Write(value)) => value,
             // Still empty: lazy, nothing stored, no cookie.
-            Ok(Update::Delete) => return Ok(CommitResult::default()),
+            Ok(_) => return Ok(CommitResult::default()),
             Err(msg) => {
                 return Err(self.store_failure(request_id, "write", StoreError::Rejected(msg)))
             }
         };
-        // A new id every time: a client-chosen id is never adopted. The
-        // loop only guards against the (astronomically unlikely) collision.
-        for _ in 0..3 {
-            let id = SessionId::generate(self.session.id_bytes);
-            let key = self.key(&id);
-            let created = self
-                .call(false, |s| {
-                    let (key, record) = (&key, &record);
-                    async move { s.create(key, record, self.session.lifetime).await }
-                })
-                .await
-                .map_err(|e| self.store_failure(request_id, "create", e))?;
-            if created {
-                tracing::debug!(request_id, "new session created");
-                return Ok(CommitResult {
-                    set_cookie: Some(self.cookie_for(&id, record.permanent)),
-                    vary_cookie: true,
-                });
-            }
-        }
-        Err(self.store_failure(
-            request_id,
-            "create",
-            StoreError::backend("could not find a free session id"),
-        ))
+        let id = self
+            .create_with_new_id(&value, request_id, "create")
+            .await?;
+        tracing::debug!(request_id, "new session created");
+        Ok(CommitResult {
+            set_cookie: Some(self.cookie_for(&id, value[0] == b'P')),
+            vary_cookie: true,
+        })
     }
 
     async fn commit_existing(
         &self,
         id: &SessionId,
-        loaded: &Loaded,
+        stored: &StoredSession,
+        expires_at: SystemTime,
         d: &Directives,
         request_id: &str,
     ) -> Result<CommitResult, Failure> {
         let key = self.key(id);
-        let gone = || CommitResult {
-            set_cookie: Some(cookies::expire_cookie(&self.cookie)),
-            vary_cookie: true,
-        };
         if d.destroy {
-            self.call(true, |s| {
-                let key = &key;
-                async move { s.delete(key).await }
-            })
-            .await
-            .map_err(|e| self.store_failure(request_id, "delete", e))?;
+            self.delete(&key, request_id, "delete").await?;
             tracing::debug!(request_id, "session destroyed");
-            return Ok(gone());
+            return Ok(self.gone());
         }
-
-        // The loaded record is only read from here on; a read-only request
-        // (the common case) must not pay for copying it.
-        let mut written: Option<SessionRecord> = None;
-        if d.modifies_record() {
-            let f = |current: SessionRecord| self.apply(current, d);
-            let outcome = self
-                .call(true, |s| {
-                    let (key, f) = (&key, &f);
-                    async move { s.update(key, self.session.lifetime, f).await }
-                })
-                .await
-                .map_err(|e| self.store_failure(request_id, "update", e))?;
-            match outcome {
-                UpdateOutcome::Written(r) => written = Some(r),
-                UpdateOutcome::Deleted => return Ok(gone()),
-                UpdateOutcome::Missing => {
-                    // Destroyed or expired while this request ran: the write
-                    // is dropped, never reviving the id (logout wins).
-                    tracing::info!(
-                        request_id,
-                        "session vanished during the request; upstream's update dropped"
-                    );
-                    return Ok(gone());
-                }
+        let written = if d.modifies_record() {
+            match self.update(&key, d, request_id).await? {
+                Some(written) => Some(written),
+                None => return Ok(self.gone()),
             }
-        }
-
-        let mut modified = written.is_some();
-        let record = written.as_ref().unwrap_or(&loaded.record);
-        let mut regenerated: Option<SessionId> = None;
+        } else {
+            None
+        };
+        let current = written.as_ref().unwrap_or(stored);
         if d.regenerate {
-            // New key first, then delete the old one: a failure in between
-            // leaves both, never neither.
-            let mut new_id = None;
-            for _ in 0..3 {
-                let candidate = SessionId::generate(self.session.id_bytes);
-                let new_key = self.key(&candidate);
-                let created = self
-                    .call(false, |s| {
-                        let (k, r) = (&new_key, record);
-                        async move { s.create(k, r, self.session.lifetime).await }
-                    })
-                    .await
-                    .map_err(|e| self.store_failure(request_id, "regenerate", e))?;
-                if created {
-                    new_id = Some(candidate);
-                    break;
-                }
-            }
-            let new_id = new_id.ok_or_else(|| {
-                self.store_failure(
-                    request_id,
-                    "regenerate",
-                    StoreError::backend("could not find a free session id"),
-                )
-            })?;
-            self.call(true, |s| {
-                let key = &key;
-                async move { s.delete(key).await }
-            })
-            .await
-            .map_err(|e| self.store_failure(request_id, "regenerate", e))?;
-            tracing::debug!(request_id, "session id regenerated");
-            regenerated = Some(new_id);
-            modified = true;
-        }
-        let id = regenerated.as_ref().unwrap_or(id);
-
-        if modified {
+            let new_id = self.regenerate(&key, current.bytes(), request_id).await?;
             return Ok(CommitResult {
-                set_cookie: Some(self.cookie_for(id, record.permanent)),
+                set_cookie: Some(self.cookie_for(&new_id, current.permanent())),
                 vary_cookie: true,
             });
         }
+        if written.is_some() {
+            return Ok(CommitResult {
+                set_cookie: Some(self.cookie_for(id, current.permanent())),
+                vary_cookie: true,
+            });
+        }
+        self.refresh(id, &key, stored.permanent(), expires_at, request_id)
+            .await
+    }
 
-        // Unmodified: refresh a permanent session's cookie on every request,
-        // but touch the stored expiry only once per expiry_update_interval.
-        if !(self.session.refresh_each_request && record.permanent) {
+    /// Apply the directives atomically in the store. `None`: the session
+    /// was emptied (deleted), or destroyed or expired while this request
+    /// ran, in which case the write is dropped, never reviving the id
+    /// (logout wins).
+    async fn update(
+        &self,
+        key: &str,
+        d: &Directives,
+        request_id: &str,
+    ) -> Result<Option<StoredSession>, Failure> {
+        let f = |current: &[u8]| self.apply_stored(current, d);
+        let outcome = self
+            .call(true, |s| {
+                let f = &f;
+                async move { s.update(key, self.session.lifetime, f).await }
+            })
+            .await
+            .map_err(|e| self.store_failure(request_id, "update", e))?;
+        match outcome {
+            UpdateOutcome::Written(value) => StoredSession::decode(value)
+                .map(Some)
+                .map_err(|e| self.store_failure(request_id, "update", StoreError::backend(e))),
+            UpdateOutcome::Deleted => Ok(None),
+            UpdateOutcome::Missing => {
+                tracing::info!(
+                    request_id,
+                    "session vanished during the request; upstream's update dropped"
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// Move the session to a new id: create the new key first, then
+    /// delete the old one, so a failure in between leaves both, never
+    /// neither.
+    async fn regenerate(
+        &self,
+        old_key: &str,
+        value: &Bytes,
+        request_id: &str,
+    ) -> Result<SessionId, Failure> {
+        let new_id = self
+            .create_with_new_id(value, request_id, "regenerate")
+            .await?;
+        self.delete(old_key, request_id, "regenerate").await?;
+        tracing::debug!(request_id, "session id regenerated");
+        Ok(new_id)
+    }
+
+    /// An unmodified request: refresh a permanent session's cookie on
+    /// every request, but touch the stored expiry only once per
+    /// `expiry_update_interval`.
+    async fn refresh(
+        &self,
+        id: &SessionId,
+        key: &str,
+        permanent: bool,
+        expires_at: SystemTime,
+        request_id: &str,
+    ) -> Result<CommitResult, Failure> {
+        if !(self.session.refresh_each_request && permanent) {
             return Ok(CommitResult {
                 set_cookie: None,
                 vary_cookie: true,
             });
         }
-        if self.needs_touch(loaded.expires_at) {
+        if self.needs_touch(expires_at) {
             let touched = self
-                .call(true, |s| {
-                    let key = &key;
-                    async move { s.touch(key, self.session.lifetime).await }
+                .call(true, |s| async move {
+                    s.touch(key, self.session.lifetime).await
                 })
                 .await;
             match touched {
                 Ok(true) => {}
-                Ok(false) => return Ok(gone()),
+                Ok(false) => return Ok(self.gone()),
                 Err(e) if self.session.on_store_error == OnStoreError::FailOpen => {
                     tracing::warn!(request_id, error = %e, "could not extend session expiry (fail_open: continuing)");
                 }
@@ -508,7 +571,7 @@ store: {type: memory}
 
     fn engine() -> SessionEngine {
         let config = Config::from_yaml(YAML).unwrap();
-        let store = StoreHandle::new(config.store.backend.clone()).unwrap();
+        let store = StoreHandle::new(&config.store.backend).unwrap();
         SessionEngine::new(&config, store)
     }
 
@@ -535,7 +598,7 @@ store: {type: memory}
     async fn fresh_session_is_lazy_and_created_on_first_write() {
         let e = engine();
         let state = e.load(false, Found::Absent, "t").await.unwrap();
-        assert_eq!(state.header_value().as_deref(), Some("{}"));
+        assert_eq!(state.header_value().as_deref(), Some(&b"{}"[..]));
         let nothing = e.commit(&state, &raw(&[]), "t").await.unwrap();
         assert_eq!(nothing, CommitResult::default());
         let created = e
@@ -553,7 +616,7 @@ store: {type: memory}
             .load(false, Found::One(value.to_string()), "t")
             .await
             .unwrap();
-        assert_eq!(state.header_value().as_deref(), Some(r#"{"a":1}"#));
+        assert_eq!(state.header_value().as_deref(), Some(&br#"{"a":1}"#[..]));
     }
 
     #[tokio::test]

@@ -51,6 +51,8 @@ pub struct SessionProxy {
     /// `session.header` as pingora takes it, built once: cloning it per
     /// request is a reference count, not an allocation and a copy.
     data_header: Bytes,
+    /// `session.exclude`, normalized like request paths.
+    exclude: Vec<String>,
 }
 
 impl SessionProxy {
@@ -62,6 +64,12 @@ impl SessionProxy {
     ) -> Self {
         SessionProxy {
             data_header: Bytes::from(engine.session.headers.data.clone()),
+            exclude: engine
+                .session
+                .exclude
+                .iter()
+                .map(|p| path::normalize(p))
+                .collect(),
             engine,
             upstreams,
             next_upstream: AtomicUsize::new(0),
@@ -207,7 +215,7 @@ impl ProxyHttp for SessionProxy {
         ctx.request_id = incoming_request_id(req).unwrap_or_else(new_request_id);
         let excluded = path::is_excluded(
             req.uri.path_and_query().map_or("/", |p| p.as_str()),
-            &self.engine.session.exclude,
+            &self.exclude,
         );
         let found = if excluded {
             cookies::Found::Absent
@@ -280,6 +288,9 @@ impl ProxyHttp for SessionProxy {
         }
         let state = ctx.state.as_ref();
         if let Some(value) = state.and_then(|s| s.header_value()) {
+            // Checked as printable ASCII when it was decoded.
+            let value = http::HeaderValue::from_maybe_shared(value)
+                .map_err(|e| Error::because(ErrorType::InternalError, "session header value", e))?;
             upstream_request.insert_header(self.data_header.clone(), value)?;
         }
         if matches!(state, Some(SessionState::Unavailable)) {

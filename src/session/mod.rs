@@ -10,5 +10,5 @@ pub mod record;
 pub mod store;
 
 pub use id::{CookieVerifier, SessionId};
-pub use record::{merge_patch, SessionRecord};
-pub use store::{Loaded, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome};
+pub use record::{merge_patch, SessionRecord, StoredSession};
+pub use store::{decide, Loaded, SessionStore, Step, StoreError, Update, UpdateFn, UpdateOutcome};

@@ -1,9 +1,19 @@
-//! The session record and its two encodings: the stored form every backend
-//! keeps, and the ASCII-only JSON carried in the `X-Session` header.
+//! The session record and its encodings: the ASCII-only JSON carried in the
+//! `X-Session` header, and the stored form every backend keeps, which is
+//! that header value behind one flag byte, so serving a session is a copy
+//! and JSON is parsed only when the app changes something.
+//!
+//! Stored form (since 0.2): `P` (permanent) or `T` (transient), then the
+//! data exactly as sent in `X-Session`: compact JSON, printable ASCII only.
+//! The earlier form, `{"p":<bool>,"d":{...}}`, is still read (and replaced
+//! by the current one on the session's next write).
 
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::io;
+
+const PERMANENT: u8 = b'P';
+const TRANSIENT: u8 = b'T';
 
 /// What a store keeps for one session: the app's data and its permanence.
 /// Expiry is metadata of the store (TTL, column, file header), not part of
@@ -16,6 +26,74 @@ pub struct SessionRecord {
     pub data: Map<String, Value>,
 }
 
+/// A session as read from a store: checked, not parsed. Holds the stored
+/// form, so the `X-Session` value is a slice of what the store returned.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredSession {
+    /// Always the current stored form (a legacy value is converted).
+    bytes: Bytes,
+}
+
+impl StoredSession {
+    /// Check a stored value. The current form costs one scan over its
+    /// bytes (flag, braces, printable ASCII); the legacy form is parsed and
+    /// converted. Anything else is an error, which callers treat as "no
+    /// session" (logged): corrupt data must not lock a user out.
+    pub fn decode(stored: Bytes) -> Result<StoredSession, String> {
+        match stored.first() {
+            Some(&(PERMANENT | TRANSIENT)) => {
+                if is_header_json(&stored[1..]) {
+                    Ok(StoredSession { bytes: stored })
+                } else {
+                    Err("stored session is not printable ASCII JSON".into())
+                }
+            }
+            Some(b'{') => {
+                let record: SessionRecord = serde_json::from_slice(&stored)
+                    .map_err(|e| format!("stored session (legacy form) does not decode: {e}"))?;
+                Ok(StoredSession {
+                    bytes: record.encode(),
+                })
+            }
+            _ => Err("stored session has an unknown format".into()),
+        }
+    }
+
+    pub fn permanent(&self) -> bool {
+        self.bytes[0] == PERMANENT
+    }
+
+    /// The `X-Session` header value (shares the stored bytes).
+    pub fn header(&self) -> Bytes {
+        self.bytes.slice(1..)
+    }
+
+    /// Length of [`Self::header`]: what `session.max_bytes` limits.
+    pub fn header_len(&self) -> usize {
+        self.bytes.len() - 1
+    }
+
+    /// The stored form (current encoding).
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    /// Parse the data, for applying an update.
+    pub fn record(&self) -> Result<SessionRecord, String> {
+        SessionRecord::from_stored(&self.bytes)
+    }
+}
+
+/// `{...}` of printable ASCII: what [`SessionRecord::header_value`] writes.
+fn is_header_json(h: &[u8]) -> bool {
+    h.len() >= 2
+        && h[0] == b'{'
+        && h[h.len() - 1] == b'}'
+        // No early exit, so the check compiles to a vectorized scan.
+        && h.iter()
+            .fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b))
+}
+
 impl SessionRecord {
     pub fn new(permanent: bool) -> Self {
         SessionRecord {
@@ -24,15 +102,30 @@ impl SessionRecord {
         }
     }
 
-    /// The stored form: compact JSON `{"p":<bool>,"d":{...}}`.
-    pub fn to_stored(&self) -> Vec<u8> {
-        serde_json::to_vec(self).expect("a JSON map always serializes")
+    /// The stored form: the flag byte and [`Self::header_value`].
+    pub fn encode(&self) -> Bytes {
+        let mut out = Vec::with_capacity(256);
+        out.push(if self.permanent { PERMANENT } else { TRANSIENT });
+        write_ascii_object(&mut out, &self.data);
+        Bytes::from(out)
     }
 
-    /// Parse the stored form. A value no record decodes from is reported as
-    /// an error so the caller can treat it as "no session" and log it.
-    pub fn from_stored(bytes: &[u8]) -> Result<Self, serde_json::Error> {
-        serde_json::from_slice(bytes)
+    /// Parse a stored value (current or legacy form). An error means the
+    /// caller treats the value as "no session" and logs it.
+    pub fn from_stored(bytes: &[u8]) -> Result<Self, String> {
+        match bytes.first() {
+            Some(&flag @ (PERMANENT | TRANSIENT)) => {
+                let data = serde_json::from_slice(&bytes[1..])
+                    .map_err(|e| format!("stored session does not decode: {e}"))?;
+                Ok(SessionRecord {
+                    permanent: flag == PERMANENT,
+                    data,
+                })
+            }
+            Some(b'{') => serde_json::from_slice(bytes)
+                .map_err(|e| format!("stored session (legacy form) does not decode: {e}")),
+            _ => Err("stored session has an unknown format".into()),
+        }
     }
 
     /// The session data as the `X-Session` header value: compact JSON that
@@ -45,26 +138,6 @@ impl SessionRecord {
         write_ascii_object(&mut out, &self.data);
         // Only ASCII is ever written.
         String::from_utf8(out).expect("ASCII is UTF-8")
-    }
-
-    /// Size of the data as the upstream would see it in `X-Session`; this is
-    /// what `session.max_bytes` limits.
-    pub fn data_len(&self) -> usize {
-        let mut counter = ByteCounter(0);
-        serde_json::to_writer(&mut counter, &self.data).expect("a JSON map always serializes");
-        counter.0
-    }
-}
-
-struct ByteCounter(usize);
-
-impl io::Write for ByteCounter {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0 += buf.len();
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 
@@ -180,6 +253,7 @@ pub fn merge_patch(target: &mut Map<String, Value>, patch: &Map<String, Value>) 
 mod tests {
     use super::*;
     use serde_json::json;
+    use std::io;
 
     /// The reference `header_value` must match, byte for byte: serde_json
     /// with a formatter that `\u`-escapes non-ASCII and DEL.
@@ -268,13 +342,52 @@ mod tests {
     }
 
     #[test]
-    fn stored_form_round_trips() {
-        let rec = SessionRecord {
+    fn stored_form_round_trips_and_is_the_header() {
+        for permanent in [true, false] {
+            let rec = SessionRecord {
+                permanent,
+                data: obj(json!({"a": [1, 2, {"b": null}], "z": "Zoë"})),
+            };
+            let stored = rec.encode();
+            assert_eq!(SessionRecord::from_stored(&stored).unwrap(), rec);
+            let view = StoredSession::decode(stored).unwrap();
+            assert_eq!(view.permanent(), permanent);
+            assert_eq!(&view.header()[..], rec.header_value().as_bytes());
+            assert_eq!(view.header_len(), rec.header_value().len());
+            assert_eq!(view.record().unwrap(), rec);
+        }
+        for bad in [
+            &b"garbage"[..],
+            b"",
+            b"P",
+            b"P{",
+            b"Pnot json",
+            b"T{\"a\":\"\xc3\xa9\"}",
+        ] {
+            assert!(
+                StoredSession::decode(Bytes::copy_from_slice(bad)).is_err(),
+                "{bad:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn legacy_stored_form_still_loads() {
+        // What versions before the header-ready form wrote.
+        let legacy = br#"{"p":false,"d":{"user":"ada","n":[1,2],"z":"Zo\u00eb"}}"#;
+        let expected = SessionRecord {
             permanent: false,
-            data: obj(json!({"a": [1, 2, {"b": null}]})),
+            data: obj(json!({"user": "ada", "n": [1, 2], "z": "Zoë"})),
         };
-        assert_eq!(SessionRecord::from_stored(&rec.to_stored()).unwrap(), rec);
-        assert!(SessionRecord::from_stored(b"garbage").is_err());
+        assert_eq!(SessionRecord::from_stored(legacy).unwrap(), expected);
+        let view = StoredSession::decode(Bytes::from_static(legacy)).unwrap();
+        assert!(!view.permanent());
+        // serde_json's map keeps keys sorted.
+        assert_eq!(
+            &view.header()[..],
+            br#"{"n":[1,2],"user":"ada","z":"Zo\u00eb"}"#
+        );
+        assert_eq!(view.bytes(), &expected.encode());
     }
 
     #[test]
@@ -314,14 +427,5 @@ mod tests {
             merge_patch(&mut t, &obj(patch.clone()));
             assert_eq!(Value::Object(t), expected, "patch {patch}");
         }
-    }
-
-    #[test]
-    fn data_len_matches_compact_json() {
-        let rec = SessionRecord {
-            permanent: true,
-            data: obj(json!({"k": "v", "n": [1, 2]})),
-        };
-        assert_eq!(rec.data_len(), serde_json::to_vec(&rec.data).unwrap().len());
     }
 }

@@ -9,9 +9,13 @@
 //!   `X-Session-Patch`es on one session never lose each other's keys;
 //! - `touch` extends the expiry without rewriting the data;
 //! - expiry is the store's own metadata, reported by `load`.
+//!
+//! Stores keep opaque bytes: encoding (the header-ready form of
+//! [`super::record`], sealing) is the engine's business, so a store never
+//! parses session data and a new encoding never touches a backend.
 
-use super::record::SessionRecord;
 use async_trait::async_trait;
+use bytes::Bytes;
 use std::time::{Duration, SystemTime};
 
 /// A store-neutral error; each backend converts its own errors into this.
@@ -36,59 +40,79 @@ impl StoreError {
     }
 }
 
-/// A session as loaded: the record and when the store will expire it.
+/// A session as loaded: the stored value and when the store will expire it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Loaded {
-    pub record: SessionRecord,
+    pub value: Bytes,
     pub expires_at: SystemTime,
 }
 
-/// What an update function wants done with the current record.
-#[derive(Debug)]
+/// What an update function wants done with the current value.
+#[derive(Debug, PartialEq)]
 pub enum Update {
-    /// Store this record (and reset the expiry to the given TTL).
-    Write(SessionRecord),
+    /// Store this value (and reset the expiry to the given TTL).
+    Write(Bytes),
     /// Delete the entry (the session became empty).
     Delete,
+    /// The current value cannot be read (corrupt, or sealed under another
+    /// id): treat the session as gone. Nothing is written or deleted; the
+    /// store reports [`UpdateOutcome::Missing`].
+    Unreadable,
 }
 
-/// The read-modify-write step of [`SessionStore::update`]. It may run more
-/// than once (optimistic stores retry on a conflict), so it must be pure.
-pub type UpdateFn<'a> = dyn Fn(SessionRecord) -> Result<Update, String> + Send + Sync + 'a;
+/// The read-modify-write step of [`SessionStore::update`]: given the
+/// current stored value, decide the new one. It may run more than once
+/// (optimistic stores retry on a conflict), so it must be pure.
+/// `Err(msg)` refuses the update (for example `session.max_bytes`).
+pub type UpdateFn<'a> = dyn Fn(&[u8]) -> Result<Update, String> + Send + Sync + 'a;
 
 /// What [`SessionStore::update`] did.
 #[derive(Debug, PartialEq)]
 pub enum UpdateOutcome {
-    Written(SessionRecord),
+    Written(Bytes),
     Deleted,
-    /// No live entry under the key: destroyed or expired meanwhile. Nothing
-    /// was written.
+    /// No live (readable) entry under the key: destroyed or expired
+    /// meanwhile. Nothing was written.
     Missing,
+}
+
+/// An update function's decision for a store to carry out, with the
+/// missing and unreadable cases folded into one: every backend calls
+/// [`decide`] between its read and its write.
+#[derive(Debug, PartialEq)]
+pub enum Step {
+    Write(Bytes),
+    Delete,
+    /// Report [`UpdateOutcome::Missing`]; write nothing.
+    Missing,
+}
+
+/// Run `f` on the current value (`None`: no live entry).
+pub fn decide(current: Option<&[u8]>, f: &UpdateFn<'_>) -> Result<Step, StoreError> {
+    let Some(current) = current else {
+        return Ok(Step::Missing);
+    };
+    Ok(match f(current).map_err(StoreError::Rejected)? {
+        Update::Write(value) => Step::Write(value),
+        Update::Delete => Step::Delete,
+        Update::Unreadable => Step::Missing,
+    })
 }
 
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
-    /// Short name for logs (`memory`, `redis`, ...).
-    fn kind(&self) -> &'static str;
-
     /// The live entry under `key`, or `None` if there is none or it expired.
-    /// An entry that cannot be decoded is reported as `None` (and logged by
-    /// the store), never as an error: corrupt data must not lock a user out.
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError>;
 
     /// Insert a new entry that expires after `ttl`. Returns `false` (and
     /// writes nothing) if a live entry already exists under `key`.
-    async fn create(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError>;
+    async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError>;
 
     /// Atomically apply `f` to the live entry under `key`: no other update
     /// of the same key may interleave between reading and writing. A
     /// `Write` resets the expiry to `ttl`. If `f` returns `Err(msg)`
     /// nothing is written and the call fails with [`StoreError::Rejected`].
+    /// Backends run `f` through [`decide`].
     async fn update(
         &self,
         key: &str,

@@ -13,10 +13,12 @@
 //! - Expiry is checked on every read; `purge_expired` removes stale files,
 //!   and `threshold` caps the number of files like FileSystemCache does.
 
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use super::{StoreContext, StoreSpec};
+use crate::session::{decide, Loaded, SessionStore, Step, StoreError, UpdateFn, UpdateOutcome};
+use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use std::fs;
 use std::io::{self, Write};
@@ -26,6 +28,57 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{Mutex, MutexGuard};
+
+/// `store:` keys of `type: filesystem`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FilesystemConfig {
+    /// Directory holding one file per session (created 0700 if missing).
+    pub dir: PathBuf,
+    /// Most session files kept (FileSystemCache's threshold); 0 = unlimited.
+    pub threshold: usize,
+}
+
+impl Default for FilesystemConfig {
+    fn default() -> Self {
+        FilesystemConfig {
+            dir: PathBuf::from("./sessions"),
+            threshold: 10_000,
+        }
+    }
+}
+
+pub fn parse(keys: serde_yaml::Value, _: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
+    let config: FilesystemConfig = deserialize_at(keys, "store")?;
+    Ok(Arc::new(config))
+}
+
+impl StoreSpec for FilesystemConfig {
+    fn describe(&self) -> String {
+        format!(
+            "filesystem (dir {}, threshold {})",
+            self.dir.display(),
+            self.threshold
+        )
+    }
+
+    fn primary_key(&self) -> &'static str {
+        "store.dir"
+    }
+
+    fn open_in_process(&self) -> Option<Result<Arc<dyn SessionStore>, ConfigError>> {
+        Some(
+            FilesystemStore::open(&self.dir, self.threshold)
+                .map(|s| Arc::new(s) as Arc<dyn SessionStore>)
+                .map_err(|e| {
+                    ConfigError::new(
+                        "store.dir",
+                        format!("cannot use {}: {e}", self.dir.display()),
+                    )
+                }),
+        )
+    }
+}
 
 const MAGIC: &[u8; 4] = b"SGW1";
 const HEADER: usize = 12;
@@ -120,9 +173,9 @@ impl Inner {
         self.stripe_of(name).blocking_lock()
     }
 
-    /// Read a file: `Ok(None)` if absent, expired or corrupt.
+    /// Read a file: `Ok(None)` if absent, expired or not a session file.
     fn read(&self, name: &str) -> Result<Option<Loaded>, StoreError> {
-        let bytes = match fs::read(self.path(name)) {
+        let mut bytes = match fs::read(self.path(name)) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(e)),
@@ -136,17 +189,15 @@ impl Inner {
         if expires_at <= SystemTime::now() {
             return Ok(None);
         }
-        match SessionRecord::from_stored(&bytes[HEADER..]) {
-            Ok(record) => Ok(Some(Loaded { record, expires_at })),
-            Err(e) => {
-                tracing::warn!(file = name, error = %e, "ignoring undecodable session file");
-                Ok(None)
-            }
-        }
+        bytes.drain(..HEADER);
+        Ok(Some(Loaded {
+            value: Bytes::from(bytes),
+            expires_at,
+        }))
     }
 
     /// Atomically replace (or create) a file: temp file + rename.
-    fn write(&self, name: &str, record: &SessionRecord, ttl: Duration) -> Result<(), StoreError> {
+    fn write(&self, name: &str, value: &[u8], ttl: Duration) -> Result<(), StoreError> {
         let mut tmp_name = String::from(TMP_PREFIX);
         tmp_name.push_str(crate::session::SessionId::generate(12).as_str());
         let tmp = self.path(&tmp_name);
@@ -159,7 +210,7 @@ impl Inner {
             let mut buf = Vec::with_capacity(HEADER + 256);
             buf.extend_from_slice(MAGIC);
             buf.extend_from_slice(&to_ms(SystemTime::now() + ttl).to_be_bytes());
-            buf.extend_from_slice(&record.to_stored());
+            buf.extend_from_slice(value);
             file.write_all(&buf)?;
             fs::rename(&tmp, self.path(name))
         })();
@@ -277,23 +328,14 @@ impl Inner {
 
 #[async_trait]
 impl SessionStore for FilesystemStore {
-    fn kind(&self) -> &'static str {
-        "filesystem"
-    }
-
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         let name = file_name(key);
         self.run(move |inner| inner.read(&name)).await
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let name = file_name(key);
-        let record = record.clone();
+        let value = value.clone();
         self.run(|inner| inner.enforce_threshold()).await?;
         let _guard = self.inner.stripe_of(&name).lock().await;
         self.run(move |inner| {
@@ -301,7 +343,7 @@ impl SessionStore for FilesystemStore {
             if existed && inner.read(&name)?.is_some() {
                 return Ok(false);
             }
-            inner.write(&name, &record, ttl)?;
+            inner.write(&name, &value, ttl)?;
             if !existed {
                 inner.count.fetch_add(1, Ordering::Relaxed);
             }
@@ -325,20 +367,18 @@ impl SessionStore for FilesystemStore {
             let name = name.clone();
             self.run(move |inner| inner.read(&name)).await?
         };
-        let Some(loaded) = current else {
-            return Ok(UpdateOutcome::Missing);
-        };
-        match f(loaded.record).map_err(StoreError::Rejected)? {
-            Update::Write(record) => {
-                let written = record.clone();
-                self.run(move |inner| inner.write(&name, &record, ttl))
+        match decide(current.as_ref().map(|l| &l.value[..]), f)? {
+            Step::Write(value) => {
+                let written = value.clone();
+                self.run(move |inner| inner.write(&name, &value, ttl))
                     .await?;
                 Ok(UpdateOutcome::Written(written))
             }
-            Update::Delete => {
+            Step::Delete => {
                 self.run(move |inner| inner.remove(&name)).await?;
                 Ok(UpdateOutcome::Deleted)
             }
+            Step::Missing => Ok(UpdateOutcome::Missing),
         }
     }
 
@@ -352,7 +392,7 @@ impl SessionStore for FilesystemStore {
         let name = file_name(key);
         let _guard = self.inner.stripe_of(&name).lock().await;
         self.run(move |inner| match inner.read(&name)? {
-            Some(loaded) => inner.write(&name, &loaded.record, ttl).map(|_| true),
+            Some(loaded) => inner.write(&name, &loaded.value, ttl).map(|_| true),
             None => Ok(false),
         })
         .await
@@ -390,7 +430,7 @@ mod tests {
         assert!(store
             .create(
                 "session:../../etc/x",
-                &SessionRecord::new(true),
+                &Bytes::from_static(b"P{}"),
                 Duration::from_secs(60)
             )
             .await
@@ -412,7 +452,7 @@ mod tests {
         for i in 0..20 {
             let ttl = Duration::from_secs(100 + i);
             assert!(store
-                .create(&format!("k{i}"), &SessionRecord::new(true), ttl)
+                .create(&format!("k{i}"), &Bytes::from_static(b"P{}"), ttl)
                 .await
                 .unwrap());
         }
@@ -427,6 +467,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = FilesystemStore::open(dir.path(), 0).unwrap();
         fs::write(dir.path().join(file_name("k")), b"garbage").unwrap();
+        // Not a session file at all; undecodable contents are the
+        // engine's business (it treats them as no session).
         assert_eq!(store.load("k").await.unwrap(), None);
         assert_eq!(store.purge_expired().await.unwrap(), 1);
     }

@@ -1,19 +1,57 @@
 //! `store.type: memory`: an in-process, bounded map for development and
 //! tests. Sessions die with the process and are not shared between gateways.
 
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use super::{StoreContext, StoreSpec};
+use crate::session::{decide, Loaded, SessionStore, Step, StoreError, UpdateFn, UpdateOutcome};
+use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
+use bytes::Bytes;
+use serde::Deserialize;
 use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 const SHARDS: usize = 16;
 
+/// `store:` keys of `type: memory`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Most sessions kept; when full, those closest to expiry are dropped.
+    pub max_entries: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        MemoryConfig {
+            max_entries: 100_000,
+        }
+    }
+}
+
+pub fn parse(keys: serde_yaml::Value, _: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
+    let config: MemoryConfig = deserialize_at(keys, "store")?;
+    if config.max_entries == 0 {
+        return Err(ConfigError::new("store.max_entries", "must be at least 1"));
+    }
+    Ok(Arc::new(config))
+}
+
+impl StoreSpec for MemoryConfig {
+    fn describe(&self) -> String {
+        format!("memory (max_entries {})", self.max_entries)
+    }
+
+    fn open_in_process(&self) -> Option<Result<Arc<dyn SessionStore>, ConfigError>> {
+        Some(Ok(Arc::new(MemoryStore::new(self.max_entries))))
+    }
+}
+
 struct Entry {
-    record: SessionRecord,
+    /// Shared with every request that loads it: a read is a reference
+    /// count, not a copy.
+    value: Bytes,
     expires_at: SystemTime,
 }
 
@@ -66,25 +104,16 @@ impl MemoryStore {
 
 #[async_trait]
 impl SessionStore for MemoryStore {
-    fn kind(&self) -> &'static str {
-        "memory"
-    }
-
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         let now = SystemTime::now();
         let map = self.shard(key);
         Ok(map.get(key).filter(|e| e.expires_at > now).map(|e| Loaded {
-            record: e.record.clone(),
+            value: e.value.clone(),
             expires_at: e.expires_at,
         }))
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let now = SystemTime::now();
         let mut map = self.shard(key);
         if map.get(key).is_some_and(|e| e.expires_at > now) {
@@ -94,7 +123,7 @@ impl SessionStore for MemoryStore {
         map.insert(
             key.to_string(),
             Entry {
-                record: record.clone(),
+                value: value.clone(),
                 expires_at: now + ttl,
             },
         );
@@ -113,16 +142,17 @@ impl SessionStore for MemoryStore {
             map.remove(key);
             return Ok(UpdateOutcome::Missing);
         };
-        match f(entry.record.clone()).map_err(StoreError::Rejected)? {
-            Update::Write(record) => {
-                entry.record = record.clone();
+        match decide(Some(&entry.value), f)? {
+            Step::Write(value) => {
+                entry.value = value.clone();
                 entry.expires_at = now + ttl;
-                Ok(UpdateOutcome::Written(record))
+                Ok(UpdateOutcome::Written(value))
             }
-            Update::Delete => {
+            Step::Delete => {
                 map.remove(key);
                 Ok(UpdateOutcome::Deleted)
             }
+            Step::Missing => Ok(UpdateOutcome::Missing),
         }
     }
 
@@ -167,7 +197,7 @@ mod tests {
     #[tokio::test]
     async fn bounded_evicts_soonest_expiring() {
         let store = MemoryStore::new(SHARDS); // one entry per shard
-        let rec = SessionRecord::new(true);
+        let rec = Bytes::from_static(b"P{}");
         // Find two keys in the same shard.
         let keys: Vec<String> = (0..1000).map(|i| format!("k{i}")).collect();
         let idx = |k: &str| (store.hasher.hash_one(k) as usize) % SHARDS;

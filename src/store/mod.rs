@@ -1,7 +1,15 @@
-//! Store backends and the factory that maps `store:` config to a
-//! [`SessionStore`]. One module per backend; networked backends sit behind
-//! cargo features.
+//! Store backends and the registry that maps `store.type` to one.
+//!
+//! Adding a backend is one module here plus one line in [`REGISTRY`]: the
+//! module exposes `parse(keys, ctx) -> Arc<dyn StoreSpec>` (its YAML keys,
+//! validated, naming the key of every problem), and the [`StoreSpec`] it
+//! returns says everything else the gateway needs (description, the key to
+//! blame, how to open it). Nothing else in the gateway names a backend.
+//! Networked backends sit behind a cargo feature of the same name as their
+//! `type`; a build without it still recognizes the type and says which
+//! feature is missing.
 
+pub mod cas;
 pub mod filesystem;
 pub mod memory;
 pub mod null;
@@ -10,140 +18,153 @@ pub mod redis;
 #[cfg(feature = "sql")]
 pub mod sql;
 
-use crate::config::ConfigError;
 use crate::session::{SessionStore, StoreError};
-use serde::Deserialize;
+use crate::yaml::ConfigError;
+use async_trait::async_trait;
 use serde_yaml::Value;
-use std::path::PathBuf;
+use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::OnceCell;
 
-/// The backend-specific part of `store:`.
+/// Settings outside a backend's own keys that it may need to validate or
+/// size itself: the common `store:` keys and the shape of store keys.
 #[derive(Clone, Debug)]
-pub enum StoreConfig {
-    Memory(MemoryConfig),
-    Filesystem(FilesystemConfig),
-    Null,
-    #[cfg(feature = "redis")]
-    Redis(redis::RedisConfig),
-    #[cfg(feature = "sql")]
-    Sql(sql::SqlConfig),
+pub struct StoreContext {
+    /// `store.timeout`: the whole budget of one store operation.
+    pub timeout: Duration,
+    /// `store.retries`.
+    pub retries: u32,
+    /// `store.cleanup_interval` (zero: no background purge).
+    pub cleanup_interval: Duration,
+    /// `session.key_prefix`, which starts every store key.
+    pub key_prefix: String,
+    /// The longest store key the gateway will use (prefix + encoded id).
+    pub max_key_len: usize,
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct MemoryConfig {
-    /// Most sessions kept; when full, those closest to expiry are dropped.
-    pub max_entries: usize,
-}
+/// A configured backend: everything the gateway needs from it besides the
+/// [`SessionStore`] itself.
+#[async_trait]
+pub trait StoreSpec: fmt::Debug + Send + Sync {
+    /// One line for `--test` and the start-up log, without credentials.
+    fn describe(&self) -> String;
 
-impl Default for MemoryConfig {
-    fn default() -> Self {
-        MemoryConfig {
-            max_entries: 100_000,
-        }
+    /// The YAML key to name when the store is unreachable or refuses to
+    /// work (`store.url`, `store.dir`, ...).
+    fn primary_key(&self) -> &'static str {
+        "store"
+    }
+
+    /// In-process stores are opened here, once, at start-up (a bad
+    /// directory is reported with its key), and shared by every runtime.
+    /// Networked stores return `None` and are connected lazily.
+    fn open_in_process(&self) -> Option<Result<Arc<dyn SessionStore>, ConfigError>> {
+        None
+    }
+
+    /// Connect a networked store. Called on the runtime that will use it
+    /// (clients spawn their I/O tasks there), again after a failure.
+    async fn connect(&self) -> Result<Arc<dyn SessionStore>, StoreError> {
+        Err(StoreError::backend("this store is opened at start-up"))
+    }
+
+    /// `store.type: null`: sessions are off; the engine refuses updates.
+    fn disables_sessions(&self) -> bool {
+        false
     }
 }
 
-#[derive(Clone, Debug, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct FilesystemConfig {
-    /// Directory holding one file per session (created 0700 if missing).
-    pub dir: PathBuf,
-    /// Most session files kept (FileSystemCache's threshold); 0 = unlimited.
-    pub threshold: usize,
+/// Reads a backend's keys (everything under `store:` but `type` and the
+/// common keys) given the [`StoreContext`].
+pub type ParseFn = fn(Value, &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError>;
+
+/// One line of the registry.
+pub struct Entry {
+    /// The `store.type` value.
+    pub name: &'static str,
+    /// `None` in a build without the backend's cargo feature.
+    parse: Option<ParseFn>,
 }
 
-impl Default for FilesystemConfig {
-    fn default() -> Self {
-        FilesystemConfig {
-            dir: PathBuf::from("./sessions"),
-            threshold: 10_000,
-        }
-    }
+/// A registry line for a backend behind the cargo feature named like it.
+macro_rules! optional {
+    ($name:literal, $module:ident) => {{
+        #[cfg(feature = $name)]
+        const ENTRY: Entry = Entry {
+            name: $name,
+            parse: Some($module::parse),
+        };
+        #[cfg(not(feature = $name))]
+        const ENTRY: Entry = Entry {
+            name: $name,
+            parse: None,
+        };
+        ENTRY
+    }};
 }
 
-const KNOWN_TYPES: &str = "memory | filesystem | null | redis | sql";
+/// Every store type, in the order error messages list them.
+pub const REGISTRY: &[Entry] = &[
+    Entry {
+        name: "memory",
+        parse: Some(memory::parse),
+    },
+    Entry {
+        name: "filesystem",
+        parse: Some(filesystem::parse),
+    },
+    Entry {
+        name: "null",
+        parse: Some(null::parse),
+    },
+    optional!("redis", redis),
+    optional!("sql", sql),
+];
 
-impl StoreConfig {
-    /// Parse the keys of `store:` other than `type` and the common ones.
-    pub fn parse(kind: &str, rest: Value) -> Result<StoreConfig, ConfigError> {
-        use crate::config::deserialize_at;
-        match kind {
-            "memory" => Ok(StoreConfig::Memory(deserialize_at(rest, "store")?)),
-            "filesystem" => Ok(StoreConfig::Filesystem(deserialize_at(rest, "store")?)),
-            "null" => {
-                let _: NoKeys = deserialize_at(rest, "store")?;
-                Ok(StoreConfig::Null)
-            }
-            #[cfg(feature = "redis")]
-            "redis" => redis::RedisConfig::parse(rest).map(StoreConfig::Redis),
-            #[cfg(feature = "sql")]
-            "sql" => sql::SqlConfig::parse(rest).map(StoreConfig::Sql),
-            #[cfg(not(feature = "redis"))]
-            "redis" => Err(ConfigError::new(
-                "store.type",
-                "this build has no redis support (rebuild with cargo feature `redis`)",
-            )),
-            #[cfg(not(feature = "sql"))]
-            "sql" => Err(ConfigError::new(
-                "store.type",
-                "this build has no sql support (rebuild with cargo feature `sql`)",
-            )),
-            other => Err(ConfigError::new(
-                "store.type",
-                format!("unknown store type `{other}`, expected one of {KNOWN_TYPES}"),
-            )),
-        }
-    }
-
-    pub fn kind(&self) -> &'static str {
-        match self {
-            StoreConfig::Memory(_) => "memory",
-            StoreConfig::Filesystem(_) => "filesystem",
-            StoreConfig::Null => "null",
-            #[cfg(feature = "redis")]
-            StoreConfig::Redis(_) => "redis",
-            #[cfg(feature = "sql")]
-            StoreConfig::Sql(_) => "sql",
-        }
-    }
-
-    /// The YAML key to name when the store cannot be reached.
-    pub fn primary_key(&self) -> &'static str {
-        match self {
-            StoreConfig::Memory(_) | StoreConfig::Null => "store",
-            StoreConfig::Filesystem(_) => "store.dir",
-            #[cfg(feature = "redis")]
-            StoreConfig::Redis(r) => r.primary_key(),
-            #[cfg(feature = "sql")]
-            StoreConfig::Sql(_) => "store.url",
-        }
-    }
-
-    /// One line describing the store, without credentials (for `--test`).
-    pub fn describe(&self) -> String {
-        match self {
-            StoreConfig::Memory(m) => format!("memory (max_entries {})", m.max_entries),
-            StoreConfig::Filesystem(f) => {
-                format!(
-                    "filesystem (dir {}, threshold {})",
-                    f.dir.display(),
-                    f.threshold
-                )
-            }
-            StoreConfig::Null => "null (sessions disabled)".into(),
-            #[cfg(feature = "redis")]
-            StoreConfig::Redis(r) => r.describe(),
-            #[cfg(feature = "sql")]
-            StoreConfig::Sql(s) => s.describe(),
-        }
-    }
+/// The `store:` section, parsed: which backend and its settings.
+#[derive(Clone, Debug)]
+pub struct StoreConfig {
+    /// The `store.type` value.
+    pub kind: &'static str,
+    pub spec: Arc<dyn StoreSpec>,
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct NoKeys {}
+/// Parse a backend's keys by its `store.type`.
+pub fn parse(kind: &str, keys: Value, ctx: &StoreContext) -> Result<StoreConfig, ConfigError> {
+    let Some(entry) = REGISTRY.iter().find(|e| e.name == kind) else {
+        let known: Vec<&str> = REGISTRY.iter().map(|e| e.name).collect();
+        return Err(ConfigError::new(
+            "store.type",
+            format!(
+                "unknown store type `{kind}`, expected one of {}",
+                known.join(" | ")
+            ),
+        ));
+    };
+    let Some(parse) = entry.parse else {
+        return Err(ConfigError::new(
+            "store.type",
+            format!(
+                "this build has no {0} support (cargo feature {0})",
+                entry.name
+            ),
+        ));
+    };
+    Ok(StoreConfig {
+        kind: entry.name,
+        spec: parse(keys, ctx)?,
+    })
+}
+
+/// For backends without keys of their own: refuse any key.
+pub fn no_keys(keys: Value) -> Result<(), ConfigError> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct NoKeys {}
+    let _: NoKeys = crate::yaml::deserialize_at(keys, "store")?;
+    Ok(())
+}
 
 /// A store that is built once, on first use, on the runtime that uses it.
 ///
@@ -154,69 +175,92 @@ struct NoKeys {}
 pub struct StoreHandle {
     config: StoreConfig,
     ready: OnceCell<Arc<dyn SessionStore>>,
+    in_process: bool,
 }
 
 impl StoreHandle {
     /// Create the handle; in-process stores are opened here, so a bad
     /// directory is reported at start-up with its key.
-    pub fn new(config: StoreConfig) -> Result<Self, ConfigError> {
+    pub fn new(config: &StoreConfig) -> Result<Self, ConfigError> {
         let ready = OnceCell::new();
-        let eager: Option<Arc<dyn SessionStore>> = match &config {
-            StoreConfig::Memory(m) => Some(Arc::new(memory::MemoryStore::new(m.max_entries))),
-            StoreConfig::Filesystem(f) => Some(Arc::new(
-                filesystem::FilesystemStore::open(&f.dir, f.threshold).map_err(|e| {
-                    ConfigError::new("store.dir", format!("cannot use {}: {e}", f.dir.display()))
-                })?,
-            )),
-            StoreConfig::Null => Some(Arc::new(null::NullStore)),
-            #[allow(unreachable_patterns)]
-            _ => None,
+        let in_process = match config.spec.open_in_process() {
+            Some(store) => {
+                let _ = ready.set(store?);
+                true
+            }
+            None => false,
         };
-        if let Some(store) = eager {
-            let _ = ready.set(store);
-        }
-        Ok(StoreHandle { config, ready })
+        Ok(StoreHandle {
+            config: config.clone(),
+            ready,
+            in_process,
+        })
     }
 
     /// A handle for another runtime: shares in-process stores (they must be
     /// one instance), connects networked stores anew on first use there.
     pub fn sibling(&self) -> StoreHandle {
         let ready = OnceCell::new();
-        if let (true, Some(store)) = (self.is_in_process(), self.ready.get()) {
+        if let (true, Some(store)) = (self.in_process, self.ready.get()) {
             let _ = ready.set(store.clone());
         }
         StoreHandle {
             config: self.config.clone(),
             ready,
+            in_process: self.in_process,
         }
     }
 
-    fn is_in_process(&self) -> bool {
-        matches!(
-            self.config,
-            StoreConfig::Memory(_) | StoreConfig::Filesystem(_) | StoreConfig::Null
-        )
+    pub fn disables_sessions(&self) -> bool {
+        self.config.spec.disables_sessions()
     }
 
-    pub fn is_null(&self) -> bool {
-        matches!(self.config, StoreConfig::Null)
+    /// The YAML key to blame for a failure of this store.
+    pub fn primary_key(&self) -> &'static str {
+        self.config.spec.primary_key()
     }
 
     /// The store, connecting first if needed. A failed connection is not
     /// cached: the next call tries again, so the gateway recovers on its own
     /// once the store is back.
     pub async fn get(&self) -> Result<&Arc<dyn SessionStore>, StoreError> {
-        self.ready.get_or_try_init(|| connect(&self.config)).await
+        self.ready
+            .get_or_try_init(|| self.config.spec.connect())
+            .await
     }
 }
 
-async fn connect(config: &StoreConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
-    match config {
-        #[cfg(feature = "redis")]
-        StoreConfig::Redis(r) => Ok(Arc::new(redis::RedisStore::connect(r).await?)),
-        #[cfg(feature = "sql")]
-        StoreConfig::Sql(s) => Ok(Arc::new(sql::SqlStore::connect(s).await?)),
-        // In-process stores are always set in `StoreHandle::new`.
-        _ => Err(StoreError::backend("in-process store was not initialized")),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ctx() -> StoreContext {
+        StoreContext {
+            timeout: Duration::from_millis(500),
+            retries: 2,
+            cleanup_interval: Duration::from_secs(300),
+            key_prefix: "session:".into(),
+            max_key_len: 51,
+        }
+    }
+
+    #[test]
+    fn unknown_types_list_the_registry() {
+        let err = parse("mongo", Value::Mapping(Default::default()), &ctx()).unwrap_err();
+        assert_eq!(err.key, "store.type");
+        for entry in REGISTRY {
+            assert!(err.message.contains(entry.name), "{err}");
+        }
+    }
+
+    #[test]
+    fn names_are_unique() {
+        for (i, a) in REGISTRY.iter().enumerate() {
+            assert!(
+                REGISTRY[i + 1..].iter().all(|b| b.name != a.name),
+                "{}",
+                a.name
+            );
+        }
     }
 }

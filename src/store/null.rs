@@ -2,9 +2,35 @@
 //! NullSessionInterface. Nothing is ever found and nothing can be written;
 //! the proxy refuses upstream updates before they reach this store.
 
-use crate::session::{Loaded, SessionRecord, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use super::{no_keys, StoreContext, StoreSpec};
+use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::yaml::ConfigError;
 use async_trait::async_trait;
+use bytes::Bytes;
+use std::sync::Arc;
 use std::time::Duration;
+
+pub fn parse(keys: serde_yaml::Value, _: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
+    no_keys(keys)?;
+    Ok(Arc::new(NullSpec))
+}
+
+#[derive(Debug)]
+struct NullSpec;
+
+impl StoreSpec for NullSpec {
+    fn describe(&self) -> String {
+        "null (sessions disabled)".into()
+    }
+
+    fn open_in_process(&self) -> Option<Result<Arc<dyn SessionStore>, ConfigError>> {
+        Some(Ok(Arc::new(NullStore)))
+    }
+
+    fn disables_sessions(&self) -> bool {
+        true
+    }
+}
 
 pub struct NullStore;
 
@@ -12,18 +38,10 @@ const DISABLED: &str = "sessions are disabled (store.type: null)";
 
 #[async_trait]
 impl SessionStore for NullStore {
-    fn kind(&self) -> &'static str {
-        "null"
-    }
     async fn load(&self, _key: &str) -> Result<Option<Loaded>, StoreError> {
         Ok(None)
     }
-    async fn create(
-        &self,
-        _key: &str,
-        _record: &SessionRecord,
-        _ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn create(&self, _key: &str, _value: &Bytes, _ttl: Duration) -> Result<bool, StoreError> {
         Err(StoreError::Rejected(DISABLED.into()))
     }
     async fn update(

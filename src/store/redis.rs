@@ -17,11 +17,12 @@
 //!   cluster); a failed first connection is an error the store handle does
 //!   not cache, so the gateway recovers once Redis is back.
 
-use crate::config::{deserialize_at, ConfigError};
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use super::cas::{Cas, CasOps};
+use super::{StoreContext, StoreSpec};
+use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
+use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -29,7 +30,7 @@ use redis::{Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, Valu
 use serde::Deserialize;
 use serde_yaml::Value as Yaml;
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 /// Bound on establishing one connection (TCP, TLS, AUTH, SELECT). The
@@ -39,12 +40,6 @@ use std::time::{Duration, SystemTime};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// Bound on one command's reply, for the same reason.
 const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Compare-and-set rounds before `update` gives up. Each lost round means
-/// another writer of the same session won, so this is only reached under
-/// sustained contention on one session.
-const MAX_CAS_ATTEMPTS: u32 = 200;
-/// Lock stripes serializing local updates (see [`RedisStore::stripes`]).
-const STRIPES: usize = 64;
 
 /// `{value, pttl}` of a key, or nil if it does not exist. One script so the
 /// two can never disagree about whether the key exists.
@@ -137,6 +132,26 @@ impl fmt::Debug for RedisConfig {
                 .field("cluster", shown)
                 .finish(),
         }
+    }
+}
+
+/// The registry's entry point: `store.type: redis`.
+pub fn parse(keys: Yaml, _: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
+    Ok(Arc::new(RedisConfig::parse(keys)?))
+}
+
+#[async_trait]
+impl StoreSpec for RedisConfig {
+    fn describe(&self) -> String {
+        RedisConfig::describe(self)
+    }
+
+    fn primary_key(&self) -> &'static str {
+        RedisConfig::primary_key(self)
+    }
+
+    async fn connect(&self) -> Result<Arc<dyn SessionStore>, StoreError> {
+        Ok(Arc::new(RedisStore::connect(self).await?))
     }
 }
 
@@ -326,14 +341,7 @@ pub struct RedisStore {
     conn: Conn,
     load_sha: String,
     cas_sha: String,
-    /// Updates of one key within this process queue on a lock stripe
-    /// instead of racing: the compare-and-set keeps them atomic either way
-    /// (and is what protects against other gateways), but N local writers
-    /// racing cost O(N^2) round trips, queued ones O(N).
-    stripes: Vec<tokio::sync::Mutex<()>>,
-    /// Picks the stripe of a key and seeds the jitter between
-    /// compare-and-set rounds.
-    hasher: RandomState,
+    cas: Cas,
 }
 
 impl RedisStore {
@@ -385,8 +393,7 @@ impl RedisStore {
             conn,
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
             cas_sha: redis::Script::new(CAS_LUA).get_hash().to_string(),
-            stripes: (0..STRIPES).map(|_| tokio::sync::Mutex::new(())).collect(),
-            hasher: RandomState::new(),
+            cas: Cas::default(),
         })
     }
 
@@ -445,18 +452,46 @@ impl RedisStore {
             other => other.map_err(map_err),
         }
     }
+}
 
-    /// A short random pause between compare-and-set rounds, growing with
-    /// the number of conflicts, so many writers of one session spread out
-    /// instead of colliding in lockstep.
-    async fn back_off(&self, attempt: u32) {
-        let cap_ms = u64::from(attempt.min(10));
-        let ms = self.hasher.hash_one((attempt, SystemTime::now())) % (cap_ms + 1);
-        if ms == 0 {
-            tokio::task::yield_now().await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-        }
+/// The compare-and-set primitives: the version of a value is the value
+/// itself (the script compares bytes), so no extra field is stored.
+#[async_trait]
+impl CasOps for RedisStore {
+    type Version = Bytes;
+
+    async fn read(&self, key: &str) -> Result<Option<(Bytes, Bytes)>, StoreError> {
+        let current: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
+        Ok(current.map(|v| {
+            let v = Bytes::from(v);
+            (v.clone(), v)
+        }))
+    }
+
+    async fn write_if(
+        &self,
+        key: &str,
+        old: &Bytes,
+        value: &Bytes,
+        ttl: Duration,
+    ) -> Result<bool, StoreError> {
+        let ttl = ttl_ms(ttl).to_string();
+        let swapped: i64 = self
+            .eval(
+                &self.cas_sha,
+                CAS_LUA,
+                key,
+                &[old, b"set", value, ttl.as_bytes()],
+            )
+            .await?;
+        Ok(swapped == 1)
+    }
+
+    async fn delete_if(&self, key: &str, old: &Bytes) -> Result<bool, StoreError> {
+        let swapped: i64 = self
+            .eval(&self.cas_sha, CAS_LUA, key, &[old, b"del", b"", b""])
+            .await?;
+        Ok(swapped == 1)
     }
 }
 
@@ -510,10 +545,6 @@ fn map_err(e: RedisError) -> StoreError {
 
 #[async_trait]
 impl SessionStore for RedisStore {
-    fn kind(&self) -> &'static str {
-        "redis"
-    }
-
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         let found: Option<(Vec<u8>, i64)> = self.eval(&self.load_sha, LOAD_LUA, key, &[]).await?;
         let Some((bytes, pttl)) = found else {
@@ -522,27 +553,16 @@ impl SessionStore for RedisStore {
         // -1 (no TTL) is never written by us; report it as expiring now so
         // the engine's next refresh puts a TTL back on it.
         let remaining = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
-        match SessionRecord::from_stored(&bytes) {
-            Ok(record) => Ok(Some(Loaded {
-                record,
-                expires_at: SystemTime::now() + remaining,
-            })),
-            Err(e) => {
-                tracing::warn!(key, error = %e, "ignoring undecodable session in redis");
-                Ok(None)
-            }
-        }
+        Ok(Some(Loaded {
+            value: Bytes::from(bytes),
+            expires_at: SystemTime::now() + remaining,
+        }))
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let mut cmd = redis::cmd("SET");
         cmd.arg(key)
-            .arg(record.to_stored())
+            .arg(&value[..])
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms(ttl));
@@ -556,55 +576,7 @@ impl SessionStore for RedisStore {
         ttl: Duration,
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
-        let ttl = ttl_ms(ttl).to_string();
-        let stripe = (self.hasher.hash_one(key) % STRIPES as u64) as usize;
-        // Held across read, `f` and write; dropped with the future if the
-        // engine's timeout cancels the update.
-        let _local = self.stripes[stripe].lock().await;
-        for attempt in 0..MAX_CAS_ATTEMPTS {
-            if attempt > 0 {
-                self.back_off(attempt).await;
-            }
-            let current: Option<Vec<u8>> = self.query(redis::cmd("GET").arg(key)).await?;
-            let Some(old) = current else {
-                return Ok(UpdateOutcome::Missing);
-            };
-            let record = match SessionRecord::from_stored(&old) {
-                Ok(r) => r,
-                Err(e) => {
-                    // Same as `load`: undecodable data is no session.
-                    tracing::warn!(key, error = %e, "ignoring undecodable session in redis");
-                    return Ok(UpdateOutcome::Missing);
-                }
-            };
-            let decision = f(record).map_err(StoreError::Rejected)?;
-            let new = match &decision {
-                Update::Write(r) => r.to_stored(),
-                Update::Delete => Vec::new(),
-            };
-            let mode: &[u8] = match decision {
-                Update::Write(_) => b"set",
-                Update::Delete => b"del",
-            };
-            let swapped: i64 = self
-                .eval(
-                    &self.cas_sha,
-                    CAS_LUA,
-                    key,
-                    &[&old, mode, &new, ttl.as_bytes()],
-                )
-                .await?;
-            if swapped == 1 {
-                return Ok(match decision {
-                    Update::Write(r) => UpdateOutcome::Written(r),
-                    Update::Delete => UpdateOutcome::Deleted,
-                });
-            }
-            // Someone else wrote (or deleted) in between: read again.
-        }
-        Err(StoreError::Unavailable(format!(
-            "redis: session {key} changed under {MAX_CAS_ATTEMPTS} consecutive update attempts"
-        )))
+        self.cas.update(self, key, ttl, f).await
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {

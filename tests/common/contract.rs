@@ -1,7 +1,8 @@
 //! The store contract: one behaviour suite every [`SessionStore`] must
-//! pass, instantiated per backend with `store_contract!(make_fn)` where
-//! `make_fn` is `async fn() -> (Arc<dyn SessionStore>, impl Drop-guard)`.
+//! pass. `store_suites!(fixture)` instantiates it, together with the HTTP
+//! protocol suite, from one `async fn fixture() -> StoreFixture`.
 
+use bytes::Bytes;
 use serde_json::{json, Map, Value};
 use session_gateway::session::{SessionRecord, SessionStore, StoreError, Update, UpdateOutcome};
 use std::sync::Arc;
@@ -22,6 +23,26 @@ fn record(v: Value) -> SessionRecord {
     SessionRecord {
         permanent: true,
         data,
+    }
+}
+
+/// Stores keep opaque bytes; the contract stores encoded records.
+fn enc(v: Value) -> Bytes {
+    record(v).encode()
+}
+
+fn dec(value: &[u8]) -> SessionRecord {
+    SessionRecord::from_stored(value).expect("the store returned what was stored")
+}
+
+/// An update step that edits the decoded record.
+fn edit(
+    f: impl Fn(&mut SessionRecord) + Send + Sync,
+) -> impl Fn(&[u8]) -> Result<Update, String> + Send + Sync {
+    move |current: &[u8]| {
+        let mut r = dec(current);
+        f(&mut r);
+        Ok(Update::Write(r.encode()))
     }
 }
 
@@ -47,38 +68,37 @@ pub async fn load_missing_is_none(store: Store) {
 
 pub async fn create_then_load(store: Store) {
     let k = key("create");
-    let rec = record(json!({"user": "ada", "n": 1, "nested": {"a": [1, 2]}, "uni": "Zoë"}));
+    let rec = enc(json!({"user": "ada", "n": 1, "nested": {"a": [1, 2]}, "uni": "Zoë"}));
     assert!(store.create(&k, &rec, TTL).await.unwrap());
     let loaded = store.load(&k).await.unwrap().expect("created entry loads");
-    assert_eq!(loaded.record, rec);
+    assert_eq!(loaded.value, rec, "a store returns the bytes it was given");
     assert_expiry_near(loaded.expires_at, TTL);
 }
 
 pub async fn create_does_not_overwrite(store: Store) {
     let k = key("twice");
-    assert!(store
-        .create(&k, &record(json!({"v": 1})), TTL)
-        .await
-        .unwrap());
-    assert!(!store
-        .create(&k, &record(json!({"v": 2})), TTL)
-        .await
-        .unwrap());
-    assert_eq!(store.load(&k).await.unwrap().unwrap().record.data["v"], 1);
+    assert!(store.create(&k, &enc(json!({"v": 1})), TTL).await.unwrap());
+    assert!(!store.create(&k, &enc(json!({"v": 2})), TTL).await.unwrap());
+    assert_eq!(
+        dec(&store.load(&k).await.unwrap().unwrap().value).data["v"],
+        1
+    );
 }
 
 pub async fn transient_flag_round_trips(store: Store) {
     let k = key("transient");
     let mut rec = record(json!({"v": 1}));
     rec.permanent = false;
-    assert!(store.create(&k, &rec, TTL).await.unwrap());
-    assert!(!store.load(&k).await.unwrap().unwrap().record.permanent);
+    assert!(store.create(&k, &rec.encode(), TTL).await.unwrap());
+    assert!(!dec(&store.load(&k).await.unwrap().unwrap().value).permanent);
 }
 
 pub async fn update_missing_writes_nothing(store: Store) {
     let k = key("upd-missing");
     let out = store
-        .update(&k, TTL, &|r: SessionRecord| Ok(Update::Write(r)))
+        .update(&k, TTL, &|r: &[u8]| {
+            Ok(Update::Write(Bytes::copy_from_slice(r)))
+        })
         .await
         .unwrap();
     assert_eq!(out, UpdateOutcome::Missing);
@@ -92,28 +112,31 @@ pub async fn update_missing_writes_nothing(store: Store) {
 pub async fn update_writes_and_resets_expiry(store: Store) {
     let k = key("upd");
     assert!(store
-        .create(&k, &record(json!({"a": 1})), Duration::from_secs(60))
+        .create(&k, &enc(json!({"a": 1})), Duration::from_secs(60))
         .await
         .unwrap());
     let out = store
-        .update(&k, TTL, &|mut r: SessionRecord| {
-            session_gateway::session::merge_patch(&mut r.data, &patch(json!({"b": 2, "a": null})));
-            Ok(Update::Write(r))
-        })
+        .update(
+            &k,
+            TTL,
+            &edit(|r| {
+                session_gateway::session::merge_patch(
+                    &mut r.data,
+                    &patch(json!({"b": 2, "a": null})),
+                )
+            }),
+        )
         .await
         .unwrap();
-    assert_eq!(out, UpdateOutcome::Written(record(json!({"b": 2}))));
+    assert_eq!(out, UpdateOutcome::Written(enc(json!({"b": 2}))));
     let loaded = store.load(&k).await.unwrap().unwrap();
-    assert_eq!(loaded.record, record(json!({"b": 2})));
+    assert_eq!(loaded.value, enc(json!({"b": 2})));
     assert_expiry_near(loaded.expires_at, TTL);
 }
 
 pub async fn update_can_delete(store: Store) {
     let k = key("upd-del");
-    assert!(store
-        .create(&k, &record(json!({"a": 1})), TTL)
-        .await
-        .unwrap());
+    assert!(store.create(&k, &enc(json!({"a": 1})), TTL).await.unwrap());
     let out = store
         .update(&k, TTL, &|_| Ok(Update::Delete))
         .await
@@ -124,7 +147,7 @@ pub async fn update_can_delete(store: Store) {
 
 pub async fn rejected_update_changes_nothing(store: Store) {
     let k = key("upd-rej");
-    let rec = record(json!({"a": 1}));
+    let rec = enc(json!({"a": 1}));
     assert!(store.create(&k, &rec, TTL).await.unwrap());
     let err = store
         .update(&k, TTL, &|_| Err("too big".to_string()))
@@ -134,15 +157,19 @@ pub async fn rejected_update_changes_nothing(store: Store) {
         matches!(err, StoreError::Rejected(ref m) if m == "too big"),
         "{err:?}"
     );
-    assert_eq!(store.load(&k).await.unwrap().unwrap().record, rec);
+    assert_eq!(store.load(&k).await.unwrap().unwrap().value, rec);
+    // An unreadable current value is treated as a missing session.
+    let out = store
+        .update(&k, TTL, &|_| Ok(Update::Unreadable))
+        .await
+        .unwrap();
+    assert_eq!(out, UpdateOutcome::Missing);
+    assert_eq!(store.load(&k).await.unwrap().unwrap().value, rec);
 }
 
 pub async fn delete_is_idempotent(store: Store) {
     let k = key("del");
-    assert!(store
-        .create(&k, &record(json!({"a": 1})), TTL)
-        .await
-        .unwrap());
+    assert!(store.create(&k, &enc(json!({"a": 1})), TTL).await.unwrap());
     store.delete(&k).await.unwrap();
     store.delete(&k).await.unwrap();
     assert_eq!(store.load(&k).await.unwrap(), None);
@@ -150,14 +177,14 @@ pub async fn delete_is_idempotent(store: Store) {
 
 pub async fn touch_extends_without_changing_data(store: Store) {
     let k = key("touch");
-    let rec = record(json!({"a": 1}));
+    let rec = enc(json!({"a": 1}));
     assert!(store
         .create(&k, &rec, Duration::from_secs(60))
         .await
         .unwrap());
     assert!(store.touch(&k, TTL).await.unwrap());
     let loaded = store.load(&k).await.unwrap().unwrap();
-    assert_eq!(loaded.record, rec);
+    assert_eq!(loaded.value, rec);
     assert_expiry_near(loaded.expires_at, TTL);
     let missing = key("touch-missing");
     assert!(!store.touch(&missing, TTL).await.unwrap());
@@ -171,7 +198,7 @@ pub async fn touch_extends_without_changing_data(store: Store) {
 pub async fn expired_entries_are_gone(store: Store) {
     let k = key("expire");
     assert!(store
-        .create(&k, &record(json!({"a": 1})), Duration::from_secs(1))
+        .create(&k, &enc(json!({"a": 1})), Duration::from_secs(1))
         .await
         .unwrap());
     assert!(store.load(&k).await.unwrap().is_some());
@@ -186,7 +213,7 @@ pub async fn expired_entries_are_gone(store: Store) {
         "touch revived an expired entry"
     );
     let out = store
-        .update(&k, TTL, &|r| Ok(Update::Write(r)))
+        .update(&k, TTL, &|r| Ok(Update::Write(Bytes::copy_from_slice(r))))
         .await
         .unwrap();
     assert_eq!(
@@ -195,24 +222,24 @@ pub async fn expired_entries_are_gone(store: Store) {
         "update revived an expired entry"
     );
     assert!(
-        store
-            .create(&k, &record(json!({"b": 2})), TTL)
-            .await
-            .unwrap(),
+        store.create(&k, &enc(json!({"b": 2})), TTL).await.unwrap(),
         "create over an expired entry"
     );
-    assert_eq!(store.load(&k).await.unwrap().unwrap().record.data["b"], 2);
+    assert_eq!(
+        dec(&store.load(&k).await.unwrap().unwrap().value).data["b"],
+        2
+    );
 }
 
 pub async fn purge_removes_only_expired(store: Store) {
     let old = key("purge-old");
     let live = key("purge-live");
     assert!(store
-        .create(&old, &record(json!({"a": 1})), Duration::from_secs(1))
+        .create(&old, &enc(json!({"a": 1})), Duration::from_secs(1))
         .await
         .unwrap());
     assert!(store
-        .create(&live, &record(json!({"a": 2})), TTL)
+        .create(&live, &enc(json!({"a": 2})), TTL)
         .await
         .unwrap());
     tokio::time::sleep(Duration::from_millis(2100)).await;
@@ -235,7 +262,7 @@ pub async fn concurrent_updates_lose_nothing(store: Store) {
 /// own field: none may be lost.
 pub async fn concurrent_updates_through(stores: &[Store], key: &str) {
     assert!(stores[0]
-        .create(key, &record(json!({"start": true})), TTL)
+        .create(key, &enc(json!({"start": true})), TTL)
         .await
         .unwrap());
     let tasks: Vec<_> = (0..50)
@@ -243,13 +270,10 @@ pub async fn concurrent_updates_through(stores: &[Store], key: &str) {
             let store = stores[i % stores.len()].clone();
             let k = key.to_string();
             tokio::spawn(async move {
-                let field = format!("k{i}");
-                store
-                    .update(&k, TTL, &|mut r: SessionRecord| {
-                        r.data.insert(field.clone(), json!(i));
-                        Ok(Update::Write(r))
-                    })
-                    .await
+                let add_field = edit(move |r| {
+                    r.data.insert(format!("k{i}"), json!(i));
+                });
+                store.update(&k, TTL, &add_field).await
             })
         })
         .collect();
@@ -259,7 +283,7 @@ pub async fn concurrent_updates_through(stores: &[Store], key: &str) {
             UpdateOutcome::Written(_)
         ));
     }
-    let data = stores[0].load(key).await.unwrap().unwrap().record.data;
+    let data = dec(&stores[0].load(key).await.unwrap().unwrap().value).data;
     for i in 0..50 {
         assert_eq!(data.get(&format!("k{i}")), Some(&json!(i)), "lost k{i}");
     }
@@ -269,23 +293,23 @@ pub async fn check_succeeds(store: Store) {
     store.check().await.unwrap();
 }
 
-/// Instantiate the whole contract for one backend:
-/// `store_contract!(make)` with `async fn make() -> (Arc<dyn SessionStore>, G)`.
+/// Instantiate the whole contract for one backend's fixture:
+/// `store_contract!(fixture)` with `async fn fixture() -> StoreFixture`.
 #[macro_export]
 macro_rules! store_contract {
-    ($make:ident; $($name:ident),* $(,)?) => {
+    ($fixture:ident; $($name:ident),* $(,)?) => {
         mod store_contract {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn $name() {
-                    let (store, _guard) = super::$make().await;
-                    $crate::common::contract::$name(store).await;
+                    let fixture = super::$fixture().await;
+                    $crate::common::contract::$name(fixture.store().await).await;
                 }
             )*
         }
     };
-    ($make:ident) => {
-        $crate::store_contract!($make;
+    ($fixture:ident) => {
+        $crate::store_contract!($fixture;
             load_missing_is_none,
             create_then_load,
             create_does_not_overwrite,
@@ -301,5 +325,14 @@ macro_rules! store_contract {
             concurrent_updates_lose_nothing,
             check_succeeds,
         );
+    };
+}
+
+/// The store contract and the HTTP protocol suite, both from one fixture.
+#[macro_export]
+macro_rules! store_suites {
+    ($fixture:ident) => {
+        $crate::store_contract!($fixture);
+        $crate::protocol_suite!($fixture);
     };
 }

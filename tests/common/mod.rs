@@ -9,6 +9,7 @@ pub mod gateway;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
+pub mod server;
 #[cfg(feature = "sql")]
 pub mod sql_server;
 pub mod upstream;
@@ -41,6 +42,8 @@ pub fn unique(tag: &str) -> String {
 
 /// How a test binary describes its store to the shared suites: the YAML
 /// of the `store:` section plus whatever must stay alive (servers, dirs).
+/// The gateway of the protocol suite and the store of the contract suite
+/// are both built from this one YAML, so they can never differ.
 pub struct StoreFixture {
     pub yaml: String,
     pub guard: Box<dyn std::any::Any + Send + Sync>,
@@ -53,4 +56,30 @@ impl StoreFixture {
             guard: Box::new(guard),
         }
     }
+
+    /// The store this fixture describes, opened as the gateway opens it
+    /// (each call opens a new client, like another gateway process).
+    pub async fn store(&self) -> std::sync::Arc<dyn session_gateway::session::SessionStore> {
+        open_store(&self.yaml).await
+    }
+}
+
+/// Open the store of a `store:` YAML section through the registry, as the
+/// gateway does: any store, no backend named here.
+pub async fn open_store(
+    store_yaml: &str,
+) -> std::sync::Arc<dyn session_gateway::session::SessionStore> {
+    let yaml = format!(
+        "listen: 127.0.0.1:1\nupstream: 127.0.0.1:2\nsecret_keys: [\"{}\"]\nstore: {store_yaml}\n",
+        gateway::KEY_A
+    );
+    let config = session_gateway::config::Config::from_yaml(&yaml)
+        .unwrap_or_else(|e| panic!("fixture store YAML {store_yaml}: {e}"));
+    let handle = session_gateway::store::StoreHandle::new(&config.store.backend)
+        .unwrap_or_else(|e| panic!("open {store_yaml}: {e}"));
+    handle
+        .get()
+        .await
+        .unwrap_or_else(|e| panic!("connect {store_yaml}: {e}"))
+        .clone()
 }

@@ -885,6 +885,67 @@ pub async fn graceful_shutdown_finishes_in_flight(fx: StoreFixture) {
 
 // ------------------------------------------------- persistence (restart)
 
+/// The store key of a browser's session (default `key_prefix`).
+fn store_key(b: &Browser) -> String {
+    format!("session:{}", id_of(&b.cookie().expect("a session cookie")))
+}
+
+/// Replace a session's stored value behind the gateway's back.
+async fn overwrite(fx: &StoreFixture, key: &str, value: &[u8]) {
+    let store = fx.store().await;
+    store.delete(key).await.unwrap();
+    assert!(store
+        .create(
+            key,
+            &bytes::Bytes::copy_from_slice(value),
+            Duration::from_secs(600)
+        )
+        .await
+        .unwrap());
+}
+
+/// A session stored by a version before the header-ready form
+/// (`{"p":..,"d":..}`) still loads, and is rewritten in the current form on
+/// its next change.
+pub async fn legacy_stored_session_still_loads(fx: StoreFixture) {
+    let s = setup(fx, |b| b).await;
+    let b = Browser::new(&s.gw);
+    b.patch("/", json!({"a": 1})).await;
+    let key = store_key(&b);
+    overwrite(
+        &s.fx,
+        &key,
+        br#"{"p":true,"d":{"user":"ada","z":"Zo\u00eb"}}"#,
+    )
+    .await;
+    let r = b.get("/", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.session(), json!({"user": "ada", "z": "Zoë"}));
+    b.patch("/", json!({"n": 2})).await;
+    let stored = s.fx.store().await.load(&key).await.unwrap().unwrap().value;
+    assert_eq!(&stored[..], br#"P{"n":2,"user":"ada","z":"Zo\u00eb"}"#);
+}
+
+/// Stored bytes that do not decode (corruption, a foreign writer) are no
+/// session: the app gets `{}` (never an error page), and a write starts a
+/// new session under a new id.
+pub async fn unreadable_stored_session_starts_fresh(fx: StoreFixture) {
+    let s = setup(fx, |b| b).await;
+    let b = Browser::new(&s.gw);
+    b.patch("/", json!({"a": 1})).await;
+    let old = b.cookie().unwrap();
+    for garbage in [&b"not a session"[..], b"P{\"a\":\"\xff\"}", b"P[1]", b""] {
+        overwrite(&s.fx, &store_key(&b), garbage).await;
+        let r = b.get("/", &[]).await;
+        assert_eq!(r.status, 200, "{garbage:?}: {}", r.text);
+        assert_eq!(r.session(), json!({}), "{garbage:?}");
+    }
+    let r = b.patch("/", json!({"b": 2})).await;
+    assert_eq!(r.status, 200);
+    assert_ne!(id_of(&b.cookie().unwrap()), id_of(&old), "a new id");
+    assert_eq!(b.get("/", &[]).await.session(), json!({"b": 2}));
+}
+
 pub async fn sessions_survive_restart(fx: StoreFixture) {
     let mut s = setup(fx, |b| b).await;
     let b = Browser::new(&s.gw);
@@ -980,7 +1041,8 @@ macro_rules! protocol_suite {
 }
 
 /// `persistence_suite!(fixture)`: cases needing a store that outlives one
-/// gateway process (every store but `memory`).
+/// gateway process and that a test can reach from outside it (every store
+/// but `memory`).
 #[macro_export]
 macro_rules! persistence_suite {
     ($make:ident) => {
@@ -992,6 +1054,18 @@ macro_rules! persistence_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn key_rotation() {
                 $crate::common::protocol::key_rotation(super::$make().await).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn legacy_stored_session_still_loads() {
+                $crate::common::protocol::legacy_stored_session_still_loads(super::$make().await)
+                    .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn unreadable_stored_session_starts_fresh() {
+                $crate::common::protocol::unreadable_stored_session_starts_fresh(
+                    super::$make().await,
+                )
+                .await;
             }
         }
     };

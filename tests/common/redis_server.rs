@@ -5,37 +5,27 @@
 //! --cluster create`. The machine's own Redis (6379) is never touched.
 //!
 //! Binaries come from `REDIS_SERVER_BIN` / `REDIS_CLI_BIN` (default
-//! `redis-server` / `redis-cli` on PATH). A missing binary fails the test
-//! with the command that installs it: a skipped store test would read as a
-//! passing one.
-//!
-//! Servers are spawned with `PR_SET_PDEATHSIG`, so they also die if the
-//! test binary is killed before their drop runs. That signal follows the
-//! spawning *thread*: create servers on the test's own thread (the body of
-//! a `#[tokio::test]` runs there), never inside `spawn_blocking`.
+//! `redis-server` / `redis-cli` on PATH); processes are
+//! [`ServerProcess`]es.
 
-use std::os::unix::process::CommandExt;
+use super::server::{program, ServerKind, ServerProcess};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 pub fn server_bin() -> String {
-    std::env::var("REDIS_SERVER_BIN").unwrap_or_else(|_| "redis-server".into())
+    program("REDIS_SERVER_BIN", "redis-server")
 }
 
 pub fn cli_bin() -> String {
-    std::env::var("REDIS_CLI_BIN").unwrap_or_else(|_| "redis-cli".into())
+    program("REDIS_CLI_BIN", "redis-cli")
 }
 
-const START_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One private `redis-server`.
+/// One private `redis-server` (no persistence).
 pub struct RedisServer {
     pub port: u16,
-    dir: tempfile::TempDir,
-    args: Vec<String>,
-    child: Option<Child>,
+    process: ServerProcess,
 }
 
 impl RedisServer {
@@ -47,85 +37,39 @@ impl RedisServer {
     /// Start a server with extra `redis-server` arguments
     /// (e.g. `["--requirepass", "pw"]`).
     pub fn start_with(args: &[&str]) -> RedisServer {
-        let mut server = RedisServer {
-            port: 0,
-            dir: tempfile::tempdir().expect("temp dir for redis"),
-            args: args.iter().map(|s| s.to_string()).collect(),
-            child: None,
-        };
-        // The free port may be taken between probing and binding; then
-        // redis-server exits at once and another port is tried.
-        let mut last_log = String::new();
-        for _ in 0..5 {
-            server.port = super::free_port();
-            match server.spawn() {
-                Ok(()) => return server,
-                Err(log) => last_log = log,
-            }
+        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+        let process = ServerProcess::start(ServerKind {
+            name: "redis-server",
+            command: Box::new(move |port, dir| {
+                let mut cmd = Command::new(server_bin());
+                cmd.args(["--port", &port.to_string()])
+                    .args(["--bind", "127.0.0.1"])
+                    .args(["--save", ""])
+                    .args(["--appendonly", "no"])
+                    .arg("--dir")
+                    .arg(dir)
+                    .args(&args);
+                cmd
+            }),
+            ready: Box::new(|port, _| ping(port)),
+            install_hint:
+                "Install it with `apt-get install redis-server` (or set REDIS_SERVER_BIN)",
+            start_timeout: Duration::from_secs(10),
+            stop_signal: libc::SIGKILL,
+        });
+        RedisServer {
+            port: process.port,
+            process,
         }
-        panic!("redis-server did not start on any of 5 free ports:\n{last_log}");
-    }
-
-    fn log_path(&self) -> PathBuf {
-        self.dir.path().join("redis.log")
     }
 
     pub fn dir(&self) -> &Path {
-        self.dir.path()
+        self.process.dir()
     }
 
     /// Everything the server logged so far.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.log_path()).unwrap_or_default()
-    }
-
-    /// Start the process and wait until it answers; `Err(log)` if it exits.
-    fn spawn(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_path())
-            .unwrap();
-        let mut cmd = Command::new(server_bin());
-        cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1"])
-            .args(["--save", ""])
-            .args(["--appendonly", "no"])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(&self.args)
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log);
-        die_with_parent(&mut cmd);
-        let child = match cmd.spawn() {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => panic!(
-                "`{}` not found: the Redis tests need a real server. Install it with \
-                 `apt-get install redis-server` (or set REDIS_SERVER_BIN)",
-                server_bin()
-            ),
-            Err(e) => panic!("cannot start {}: {e}", server_bin()),
-        };
-        self.child = Some(child);
-        let deadline = Instant::now() + START_TIMEOUT;
-        loop {
-            if ping(self.port) {
-                return Ok(());
-            }
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return Err(format!(
-                    "redis-server exited with {status}:\n{}",
-                    self.log()
-                ));
-            }
-            if Instant::now() > deadline {
-                panic!("redis-server did not answer within 10s:\n{}", self.log());
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.process.log()
     }
 
     /// `redis://127.0.0.1:<port>/0`.
@@ -134,48 +78,36 @@ impl RedisServer {
     }
 
     pub fn pid(&self) -> i32 {
-        self.child.as_ref().expect("redis-server is running").id() as i32
+        self.process.pid()
+    }
+
+    fn is_running(&self) -> bool {
+        self.process.is_running()
     }
 
     /// Kill the server (an outage; its data is gone, nothing persists).
     pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.process.kill();
     }
 
     /// Start again on the same port after [`stop`](Self::stop).
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "redis-server is still running");
-        if let Err(log) = self.spawn() {
-            panic!("redis-server did not restart on port {}:\n{log}", self.port);
-        }
+        self.process.start_again();
     }
 
     /// Freeze the process (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
-        unsafe {
-            libc::kill(self.pid(), libc::SIGSTOP);
-        }
+        self.process.pause();
     }
 
     /// Thaw a [`pause`](Self::pause)d server (SIGCONT).
     pub fn resume(&self) {
-        unsafe {
-            libc::kill(self.pid(), libc::SIGCONT);
-        }
+        self.process.resume();
     }
 
     /// A synchronous client for inspecting the server from a test.
     pub fn client(&self) -> redis::Connection {
         connect(self.port)
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.stop();
     }
 }
 
@@ -203,16 +135,6 @@ fn ping(port: u16) -> bool {
         && s.read(&mut buf)
             .is_ok_and(|n| n > 0 && matches!(buf[0], b'+' | b'-'))
         && !buf.starts_with(b"-LOADING")
-}
-
-/// Kill the child when the spawning thread (or the whole test binary) dies.
-fn die_with_parent(cmd: &mut Command) {
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            Ok(())
-        });
-    }
 }
 
 // ----------------------------------------------------------------- cluster
@@ -282,7 +204,7 @@ impl RedisCluster {
             let states: Vec<String> = self
                 .nodes
                 .iter()
-                .filter(|n| n.child.is_some())
+                .filter(|n| n.is_running())
                 .map(|n| {
                     let info: String = redis::cmd("CLUSTER")
                         .arg("INFO")

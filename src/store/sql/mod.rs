@@ -19,14 +19,15 @@ mod mysql;
 mod postgres;
 mod sqlite;
 
-use crate::config::{deserialize_at, ConfigError};
-use crate::session::{
-    Loaded, SessionRecord, SessionStore, StoreError, Update, UpdateFn, UpdateOutcome,
-};
+use super::{StoreContext, StoreSpec};
+use crate::session::{self, Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_yaml::Value;
 use std::fmt;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// Rows deleted per purge statement: small enough that each statement
@@ -243,14 +244,6 @@ impl SqlConfig {
         })
     }
 
-    pub fn dialect(&self) -> Dialect {
-        self.dialect
-    }
-
-    pub fn table(&self) -> &TableName {
-        &self.table
-    }
-
     /// One line for `--test`, without the password.
     pub fn describe(&self) -> String {
         format!(
@@ -355,23 +348,12 @@ fn now_micros() -> i64 {
     micros(SystemTime::now())
 }
 
-/// A loaded row, or `None` (logged) if its data does not decode: corrupt
-/// data must not lock the user out, it just starts a fresh session.
-fn decode_row(table: &TableName, data: &[u8], expires_us: i64) -> Option<Loaded> {
-    match SessionRecord::from_stored(data) {
-        Ok(record) => Some(Loaded {
-            record,
-            expires_at: from_micros(expires_us),
-        }),
-        Err(e) => {
-            tracing::warn!(table = %table, error = %e, "ignoring undecodable session row");
-            None
-        }
+/// A loaded row.
+fn loaded(data: Vec<u8>, expires_us: i64) -> Loaded {
+    Loaded {
+        value: Bytes::from(data),
+        expires_at: from_micros(expires_us),
     }
-}
-
-fn decode_record(table: &TableName, data: &[u8]) -> Option<SessionRecord> {
-    decode_row(table, data, 0).map(|l| l.record)
 }
 
 // ---------------------------------------------------------------- errors
@@ -417,22 +399,21 @@ fn missing_table(dialect: Dialect, table: &TableName, e: sqlx::Error) -> StoreEr
 
 /// What an update attempt does with the row it locked, decided the same
 /// way for every dialect; only the SQL around it differs.
-enum Step {
-    /// Roll back and return this: no live row, undecodable data (which
-    /// `load` also reads as no session), or the update function refused.
+enum Locked {
+    /// Roll back and return this: no live row, unreadable data, or the
+    /// update function refused.
     Done(Result<UpdateOutcome, String>),
-    Write(SessionRecord),
+    Write(Bytes),
     Delete,
 }
 
-fn decide(table: &TableName, data: Option<&[u8]>, f: &UpdateFn<'_>) -> Step {
-    let Some(current) = data.and_then(|d| decode_record(table, d)) else {
-        return Step::Done(Ok(UpdateOutcome::Missing));
-    };
-    match f(current) {
-        Ok(Update::Write(record)) => Step::Write(record),
-        Ok(Update::Delete) => Step::Delete,
-        Err(msg) => Step::Done(Err(msg)),
+fn decide(data: Option<&[u8]>, f: &UpdateFn<'_>) -> Locked {
+    match session::decide(data, f) {
+        Ok(session::Step::Write(value)) => Locked::Write(value),
+        Ok(session::Step::Delete) => Locked::Delete,
+        Ok(session::Step::Missing) => Locked::Done(Ok(UpdateOutcome::Missing)),
+        Err(StoreError::Rejected(msg)) => Locked::Done(Err(msg)),
+        Err(other) => Locked::Done(Err(other.to_string())),
     }
 }
 
@@ -442,70 +423,41 @@ type Attempt = Result<Result<UpdateOutcome, String>, sqlx::Error>;
 
 // ----------------------------------------------------------------- store
 
-/// The SQL store: a pool for one of the three dialects behind the
-/// store-neutral interface.
-pub struct SqlStore {
-    inner: Box<dyn SessionStore>,
-}
-
-impl SqlStore {
-    /// Open the pool, establish one connection (so a wrong URL or a dead
-    /// database fails here, and is retried by the caller on the next
-    /// request rather than cached) and create the table if configured.
-    pub async fn connect(cfg: &SqlConfig) -> Result<SqlStore, StoreError> {
-        let inner: Box<dyn SessionStore> = match cfg.dialect {
-            Dialect::Postgres => Box::new(postgres::PgStore::connect(cfg).await?),
-            Dialect::MySql => Box::new(mysql::MySqlStore::connect(cfg).await?),
-            Dialect::Sqlite => Box::new(sqlite::SqliteStore::connect(cfg).await?),
-        };
-        tracing::debug!("sql store ready: {}", cfg.describe());
-        Ok(SqlStore { inner })
-    }
+/// The registry's entry point: `store.type: sql`.
+pub fn parse(keys: Value, ctx: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
+    let mut config = SqlConfig::parse(keys)?;
+    // A dead database should fail a request within its budget, not wait
+    // for a pooled connection longer than that.
+    config.acquire_timeout = ctx.timeout.max(Duration::from_millis(250));
+    Ok(Arc::new(config))
 }
 
 #[async_trait]
-impl SessionStore for SqlStore {
-    fn kind(&self) -> &'static str {
-        "sql"
+impl StoreSpec for SqlConfig {
+    fn describe(&self) -> String {
+        SqlConfig::describe(self)
     }
 
-    async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        self.inner.load(key).await
+    fn primary_key(&self) -> &'static str {
+        "store.url"
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
-        self.inner.create(key, record, ttl).await
+    async fn connect(&self) -> Result<Arc<dyn SessionStore>, StoreError> {
+        connect(self).await
     }
+}
 
-    async fn update(
-        &self,
-        key: &str,
-        ttl: Duration,
-        f: &UpdateFn<'_>,
-    ) -> Result<UpdateOutcome, StoreError> {
-        self.inner.update(key, ttl, f).await
-    }
-
-    async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        self.inner.delete(key).await
-    }
-
-    async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
-        self.inner.touch(key, ttl).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.inner.purge_expired().await
-    }
-
-    async fn check(&self) -> Result<(), StoreError> {
-        self.inner.check().await
-    }
+/// Open the pool, establish one connection (so a wrong URL or a dead
+/// database fails here, and is retried by the caller on the next request
+/// rather than cached) and create the table if configured.
+pub async fn connect(cfg: &SqlConfig) -> Result<Arc<dyn SessionStore>, StoreError> {
+    let store: Arc<dyn SessionStore> = match cfg.dialect {
+        Dialect::Postgres => Arc::new(postgres::PgStore::connect(cfg).await?),
+        Dialect::MySql => Arc::new(mysql::MySqlStore::connect(cfg).await?),
+        Dialect::Sqlite => Arc::new(sqlite::SqliteStore::connect(cfg).await?),
+    };
+    tracing::debug!("sql store ready: {}", cfg.describe());
+    Ok(store)
 }
 
 /// Pool settings shared by the dialects.

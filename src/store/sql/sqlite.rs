@@ -22,11 +22,12 @@
 //! such writers wait up to the busy timeout.
 
 use super::{
-    classify, decide, decode_row, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
-    Dialect, SqlConfig, Step, TableName, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, loaded, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
+    Dialect, Locked, SqlConfig, TableName, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
-use crate::session::{Loaded, SessionRecord, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
+use bytes::Bytes;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row};
 use std::str::FromStr;
@@ -178,21 +179,21 @@ impl SqliteStore {
             .fetch_optional(&mut *tx)
             .await?;
         let data: Option<Vec<u8>> = row.map(|r| r.try_get(0)).transpose()?;
-        let outcome = match decide(&self.table, data.as_deref(), f) {
-            Step::Done(result) => {
+        let outcome = match decide(data.as_deref(), f) {
+            Locked::Done(result) => {
                 tx.rollback().await?;
                 return Ok(result);
             }
-            Step::Write(record) => {
+            Locked::Write(value) => {
                 sqlx::query(&self.sql.write)
-                    .bind(record.to_stored())
+                    .bind(&value[..])
                     .bind(expires)
                     .bind(key)
                     .execute(&mut *tx)
                     .await?;
-                UpdateOutcome::Written(record)
+                UpdateOutcome::Written(value)
             }
-            Step::Delete => {
+            Locked::Delete => {
                 sqlx::query(&self.sql.delete)
                     .bind(key)
                     .execute(&mut *tx)
@@ -207,10 +208,6 @@ impl SqliteStore {
 
 #[async_trait]
 impl SessionStore for SqliteStore {
-    fn kind(&self) -> &'static str {
-        "sql"
-    }
-
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
         let row = sqlx::query(&self.sql.load)
             .bind(key)
@@ -221,20 +218,15 @@ impl SessionStore for SqliteStore {
         let Some(row) = row else { return Ok(None) };
         let data: Vec<u8> = row.try_get(0).map_err(err)?;
         let expires_us: i64 = row.try_get(1).map_err(err)?;
-        Ok(decode_row(&self.table, &data, expires_us))
+        Ok(Some(loaded(data, expires_us)))
     }
 
-    async fn create(
-        &self,
-        key: &str,
-        record: &SessionRecord,
-        ttl: Duration,
-    ) -> Result<bool, StoreError> {
+    async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
         let _write = self.write.lock().await;
         let done = sqlx::query(&self.sql.create)
             .bind(key)
-            .bind(record.to_stored())
+            .bind(&value[..])
             .bind(expires)
             .bind(now)
             .execute(&self.pool)
