@@ -31,12 +31,7 @@ pub fn run(config: Config, demo: bool) -> Result<(), String> {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        SessionProxy::new(
-            engine.clone(),
-            config.upstreams.clone(),
-            config.server.upstream_connect_timeout,
-            config.server.upstream_read_timeout,
-        ),
+        SessionProxy::new(engine.clone(), config.upstreams.clone(), &config.server),
         "session-gateway",
     );
     for addr in &config.listen {

@@ -68,6 +68,23 @@ impl HeaderNames {
     }
 }
 
+/// Does a header name belong to the protocol? Compared case-insensitively
+/// with `_` read as `-`, so `X_Session` counts too (some servers map it to
+/// the same variable as `X-Session`).
+pub fn is_protocol_header(name: &str, strip_prefix: &str) -> bool {
+    let name = name.as_bytes();
+    let prefix = strip_prefix.as_bytes();
+    name.len() >= prefix.len()
+        && name[..prefix.len()].iter().zip(prefix).all(|(&a, &b)| {
+            let a = if a == b'_' {
+                b'-'
+            } else {
+                a.to_ascii_lowercase()
+            };
+            a == b
+        })
+}
+
 #[derive(Clone, Debug)]
 pub struct SessionSettings {
     pub headers: HeaderNames,
@@ -101,6 +118,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_read_timeout: Option<Duration>,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// The validated configuration the gateway runs on.

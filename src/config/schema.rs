@@ -105,6 +105,7 @@ struct Server {
     upstream_connect_timeout: Duration,
     #[serde(deserialize_with = "duration::deserialize_opt")]
     upstream_read_timeout: Option<Duration>,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for Server {
@@ -114,6 +115,7 @@ impl Default for Server {
             grace_period: Duration::from_secs(30),
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_read_timeout: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -373,6 +375,7 @@ impl Cookie {
                 "`none` requires `cookie.secure: true` (browsers drop SameSite=None cookies without Secure)",
             ));
         }
+        self.check_name_prefix()?;
         Ok(CookieSettings {
             name: self.name,
             domain: self.domain,
@@ -384,14 +387,89 @@ impl Cookie {
     }
 }
 
-impl Session {
-    fn validate(self) -> Result<SessionSettings, ConfigError> {
-        if !is_token(&self.header) {
+impl Cookie {
+    /// Browsers silently drop `__Host-`/`__Secure-` cookies that break the
+    /// prefix's rules (matched case-insensitively, as RFC 6265bis does), so
+    /// sessions would never stick: refuse such a config.
+    fn check_name_prefix(&self) -> Result<(), ConfigError> {
+        let lower = self.name.to_ascii_lowercase();
+        let host = lower.starts_with("__host-");
+        if (host || lower.starts_with("__secure-")) && !self.secure {
             return Err(ConfigError::new(
-                "session.header",
-                format!("`{}` is not a valid header name", self.header),
+                "cookie.secure",
+                format!(
+                    "cookie `{}` needs `secure: true`: browsers drop {} cookies without Secure",
+                    self.name,
+                    if host { "__Host-" } else { "__Secure-" }
+                ),
             ));
         }
+        if host && self.domain.is_some() {
+            return Err(ConfigError::new(
+                "cookie.domain",
+                format!(
+                    "cookie `{}` must not have a domain: browsers drop __Host- cookies with one",
+                    self.name
+                ),
+            ));
+        }
+        if host && self.path != "/" {
+            return Err(ConfigError::new(
+                "cookie.path",
+                format!(
+                    "cookie `{}` needs `path: /`: browsers drop __Host- cookies with another path",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Headers the gateway itself adds to requests; `session.header` strips
+/// every header it is a prefix of, so it must not cover these.
+const GATEWAY_HEADERS: [&str; 4] = [
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Request-Id",
+];
+
+fn check_protocol_header(header: &str) -> Result<(), ConfigError> {
+    if !is_token(header) {
+        return Err(ConfigError::new(
+            "session.header",
+            format!("`{header}` is not a valid header name"),
+        ));
+    }
+    // Every header starting with it is stripped from requests and
+    // responses: `Content` would take Content-Type and Content-Length.
+    if header.len() < 3 || !header[..2].eq_ignore_ascii_case("x-") {
+        return Err(ConfigError::new(
+            "session.header",
+            format!(
+                "`{header}` must start with `X-` and name something after it (e.g. X-Session): every header it is a prefix of is stripped"
+            ),
+        ));
+    }
+    let prefix = HeaderNames::new(header).strip_prefix;
+    if let Some(clash) = GATEWAY_HEADERS
+        .iter()
+        .find(|h| super::is_protocol_header(h, &prefix))
+    {
+        return Err(ConfigError::new(
+            "session.header",
+            format!(
+                "`{header}` is a prefix of {clash}, which the gateway adds to every request; choose another name"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Session {
+    fn validate(self) -> Result<SessionSettings, ConfigError> {
+        check_protocol_header(&self.header)?;
         if self.lifetime < Duration::from_secs(1) {
             return Err(ConfigError::new("session.lifetime", "must be at least 1s"));
         }
@@ -464,11 +542,25 @@ impl Server {
         if threads == 0 {
             return Err(ConfigError::new("server.threads", "must be at least 1"));
         }
+        let mut trusted_proxies = Vec::new();
+        for (i, text) in self.trusted_proxies.iter().enumerate() {
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(
+                        format!("server.trusted_proxies[{i}]"),
+                        format!("`{text}` is not an IP address or CIDR range (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/8)"),
+                    )
+                })?;
+            trusted_proxies.push(net.trunc());
+        }
         Ok(ServerSettings {
             threads,
             grace_period: self.grace_period,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_read_timeout: self.upstream_read_timeout,
+            trusted_proxies,
         })
     }
 }

@@ -33,6 +33,10 @@ pub enum SessionState {
         id: SessionId,
         stored: StoredSession,
         expires_at: SystemTime,
+        /// Stored larger than `session.max_bytes` allows (written before
+        /// the limit was lowered): the upstream gets `{}` and
+        /// `X-Session-Error: too-large`, so it can reset or trim it.
+        too_large: bool,
     },
     /// The store failed and `on_store_error: fail_open` let the request
     /// through without a session; nothing is written back.
@@ -45,8 +49,23 @@ impl SessionState {
     pub fn header_value(&self) -> Option<Bytes> {
         match self {
             SessionState::Excluded => None,
-            SessionState::Existing { stored, .. } => Some(stored.header()),
+            SessionState::Existing {
+                stored,
+                too_large: false,
+                ..
+            } => Some(stored.header()),
             _ => Some(Bytes::from_static(b"{}")),
+        }
+    }
+
+    /// The `X-Session-Error` value for the upstream, if any.
+    pub fn error_value(&self) -> Option<&'static str> {
+        match self {
+            SessionState::Unavailable => Some("store-unavailable"),
+            SessionState::Existing {
+                too_large: true, ..
+            } => Some("too-large"),
+            _ => None,
         }
     }
 }
@@ -173,11 +192,23 @@ impl SessionEngine {
             .await;
         match loaded {
             Ok(Some(loaded)) => match StoredSession::decode(loaded.value) {
-                Ok(stored) => Ok(SessionState::Existing {
-                    id,
-                    stored,
-                    expires_at: loaded.expires_at,
-                }),
+                Ok(stored) => {
+                    let too_large = stored.header_len() > self.session.max_bytes;
+                    if too_large {
+                        tracing::warn!(
+                            request_id,
+                            bytes = stored.header_len(),
+                            "stored session is larger than session.max_bytes; \
+                             forwarding {{}} with X-Session-Error: too-large"
+                        );
+                    }
+                    Ok(SessionState::Existing {
+                        id,
+                        stored,
+                        expires_at: loaded.expires_at,
+                        too_large,
+                    })
+                }
                 Err(e) => {
                     tracing::warn!(request_id, error = %e, "ignoring an unreadable stored session; starting fresh");
                     Ok(SessionState::Fresh { cookie_present })
@@ -305,6 +336,7 @@ impl SessionEngine {
                 id,
                 stored,
                 expires_at,
+                ..
             } => {
                 self.commit_existing(id, stored, *expires_at, &directives, request_id)
                     .await

@@ -14,6 +14,7 @@
 
 pub mod cookies;
 pub mod engine;
+pub mod forwarded;
 pub mod path;
 pub mod protocol;
 
@@ -53,15 +54,18 @@ pub struct SessionProxy {
     data_header: Bytes,
     /// `session.exclude`, normalized like request paths.
     exclude: Vec<String>,
+    /// `server.trusted_proxies`.
+    trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl SessionProxy {
     pub fn new(
         engine: Arc<SessionEngine>,
         upstreams: Vec<SocketAddr>,
-        connect_timeout: Duration,
-        read_timeout: Option<Duration>,
+        server: &crate::config::ServerSettings,
     ) -> Self {
+        let connect_timeout = server.upstream_connect_timeout;
+        let read_timeout = server.upstream_read_timeout;
         SessionProxy {
             data_header: Bytes::from(engine.session.headers.data.clone()),
             exclude: engine
@@ -75,6 +79,7 @@ impl SessionProxy {
             next_upstream: AtomicUsize::new(0),
             connect_timeout,
             read_timeout,
+            trusted_proxies: server.trusted_proxies.clone(),
         }
     }
 }
@@ -255,10 +260,18 @@ impl ProxyHttp for SessionProxy {
     /// Strip what the client must not control and add the session data.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        let peer = forwarded::Peer {
+            addr: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            https: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        };
+        forwarded::apply(upstream_request, peer, &self.trusted_proxies)?;
         let names = &self.engine.session.headers;
         let forged: Vec<http::HeaderName> = upstream_request
             .headers
@@ -293,12 +306,12 @@ impl ProxyHttp for SessionProxy {
                 .map_err(|e| Error::because(ErrorType::InternalError, "session header value", e))?;
             upstream_request.insert_header(self.data_header.clone(), value)?;
         }
-        if matches!(state, Some(SessionState::Unavailable)) {
-            upstream_request.insert_header(names.error.clone(), "store-unavailable")?;
+        if let Some(error) = state.and_then(SessionState::error_value) {
+            upstream_request.insert_header(names.error.clone(), error)?;
         }
-        if !upstream_request.headers.contains_key("x-request-id") {
-            upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
-        }
+        // Always the id the gateway logs and answers with: a client's id
+        // that was not reused must not reach the app either.
+        upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
         Ok(())
     }
 
@@ -321,6 +334,10 @@ impl ProxyHttp for SessionProxy {
             resp.remove_header(name);
         }
         strip_app_session_cookie(resp, &self.engine.cookie.name, &ctx.request_id)?;
+        // The id the gateway logs under, for a user's report to be found.
+        if !resp.headers.contains_key("x-request-id") {
+            resp.insert_header("X-Request-Id", ctx.request_id.as_str())?;
+        }
         // Interim (1xx) responses carry no session; the final one does.
         if ctx.committed || (resp.status.is_informational() && resp.status != 101) {
             return Ok(());
@@ -358,6 +375,28 @@ impl ProxyHttp for SessionProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // Once a final response head is on the wire, an error text would
+        // only corrupt the body (and a chunked body would even look
+        // complete): abort the connection instead, so the client and any
+        // cache in front see a transport error, never a complete response.
+        let head_sent = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational() || r.status.as_u16() == 101);
+        if head_sent {
+            tracing::warn!(
+                request_id = %ctx.request_id,
+                status = session.response_written().map(|r| r.status.as_u16()),
+                error = %e,
+                "upstream failed after the response started; connection aborted"
+            );
+            // H1: flush what is buffered, then close; H2: reset the stream.
+            // Bounded: a client that stopped reading must not hold us.
+            let _ = tokio::time::timeout(Duration::from_secs(1), session.shutdown()).await;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let (code, message) = match ctx.failure.take() {
             Some(f) => (f.status, f.message),
             None => {
