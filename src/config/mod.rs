@@ -103,6 +103,9 @@ pub struct SessionSettings {
 
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
+    /// The `store:` section as written (after `${VAR}` substitution), to
+    /// tell whether a reload changed it.
+    pub source: serde_yaml::Value,
     pub backend: StoreConfig,
     /// The whole budget of one store operation, retries included.
     pub timeout: Duration,
@@ -136,6 +139,23 @@ pub struct Config {
     pub store: StoreSettings,
     pub server: ServerSettings,
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// One `access` log line per request.
+    pub access_log: bool,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`); `None`: off.
+    pub admin: Option<AdminSettings>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// JSON lines, for log shippers.
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub listen: String,
 }
 
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -179,4 +199,31 @@ pub(crate) fn resolve_addrs(key: &str, addrs: &[String]) -> Result<Vec<SocketAdd
         out.push(resolved);
     }
     Ok(out)
+}
+
+impl Config {
+    /// The keys that only take effect at start, which differ between `self`
+    /// (what runs) and `new` (a reloaded file).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != new.listen {
+            changed.push("listen");
+        }
+        if self.admin != new.admin {
+            changed.push("admin");
+        }
+        if self.store.source != new.store.source {
+            changed.push("store");
+        }
+        if self.server.threads != new.server.threads {
+            changed.push("server.threads");
+        }
+        if self.server.grace_period != new.server.grace_period {
+            changed.push("server.grace_period");
+        }
+        if self.log_format != new.log_format {
+            changed.push("log_format");
+        }
+        changed
+    }
 }

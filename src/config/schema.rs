@@ -3,8 +3,9 @@
 //! what serde cannot and naming the key of every problem.
 
 use super::{
-    duration, resolve_addrs, Config, ConfigError, CookieSettings, HeaderNames, OnStoreError,
-    SameSite, ServerSettings, SessionSettings, StoreSettings, MIN_SECRET_BYTES,
+    duration, resolve_addrs, AdminSettings, Config, ConfigError, CookieSettings, HeaderNames,
+    LogFormat, OnStoreError, SameSite, ServerSettings, SessionSettings, StoreSettings,
+    MIN_SECRET_BYTES,
 };
 use crate::store::StoreContext;
 use crate::yaml::{deserialize_at, OneOrMany};
@@ -31,6 +32,26 @@ pub struct File {
     server: Server,
     #[serde(default = "default_log_level")]
     log_level: String,
+    #[serde(default = "default_true")]
+    access_log: bool,
+    #[serde(default = "default_log_format")]
+    log_format: String,
+    #[serde(default)]
+    admin: Option<Admin>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Admin {
+    listen: String,
 }
 
 fn default_log_level() -> String {
@@ -150,6 +171,7 @@ fn is_token(s: &str) -> bool {
 }
 
 fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings, ConfigError> {
+    let source = value.clone();
     let Value::Mapping(mut map) = value else {
         return Err(ConfigError::new(
             "store",
@@ -185,6 +207,7 @@ fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings,
     };
     let backend = crate::store::parse(&kind, Value::Mapping(map), &ctx)?;
     Ok(StoreSettings {
+        source,
         backend,
         timeout: common.timeout,
         retries: common.retries,
@@ -254,6 +277,17 @@ impl File {
         let server = self.server.validate()?;
         let store = parse_store(self.store, &session)?;
         let log_level = validate_log_level(self.log_level)?;
+        let log_format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(
+                    "log_format",
+                    format!("`{other}`: expected text | json"),
+                ))
+            }
+        };
+        let admin = self.admin.map(|a| a.validate(&listen)).transpose()?;
         Ok(Config {
             listen,
             upstreams,
@@ -264,6 +298,31 @@ impl File {
             store,
             server,
             log_level,
+            log_format,
+            access_log: self.access_log,
+            admin,
+        })
+    }
+}
+
+impl Admin {
+    fn validate(self, proxy_listen: &[String]) -> Result<AdminSettings, ConfigError> {
+        let addr = resolve_addrs("admin.listen", std::slice::from_ref(&self.listen))?[0];
+        let clash = resolve_addrs("listen", proxy_listen)?.into_iter().any(|p| {
+            p.port() == addr.port()
+                && (p.ip() == addr.ip() || p.ip().is_unspecified() || addr.ip().is_unspecified())
+        });
+        if clash {
+            return Err(ConfigError::new(
+                "admin.listen",
+                format!(
+                    "`{}` is also a proxy address; the admin endpoints need a listener of their own",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(AdminSettings {
+            listen: self.listen,
         })
     }
 }

@@ -7,6 +7,7 @@
 use super::cookies::{self, Found};
 use super::protocol::{Directives, RawDirectives};
 use crate::config::{Config, CookieSettings, OnStoreError, SessionSettings};
+use crate::metrics::{self, Op, Outcome, SessionEvent};
 use crate::session::{
     merge_patch, CookieVerifier, SessionId, SessionRecord, SessionStore, StoreError, StoredSession,
     Update, UpdateOutcome,
@@ -14,9 +15,32 @@ use crate::session::{
 use crate::store::StoreHandle;
 use bytes::Bytes;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// What the engine knows and records about one request: its id (in every
+/// log line) and the time it spent waiting for the store (access log).
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    pub id: String,
+    store_nanos: AtomicU64,
+}
+
+impl RequestInfo {
+    pub fn new(id: String) -> Self {
+        RequestInfo {
+            id,
+            store_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Total time of this request's store operations.
+    pub fn store_time(&self) -> Duration {
+        Duration::from_nanos(self.store_nanos.load(Ordering::Relaxed))
+    }
+}
 
 /// The session of one request, as found when the request arrived.
 #[derive(Debug)]
@@ -98,6 +122,8 @@ pub struct CommitResult {
     pub set_cookie: Option<String>,
     /// Add `Vary: Cookie` (the request had a session or got a cookie).
     pub vary_cookie: bool,
+    /// A new session was created by this request.
+    pub created: bool,
 }
 
 /// Shared, immutable per-process state of the session logic.
@@ -106,13 +132,13 @@ pub struct SessionEngine {
     pub cookie: CookieSettings,
     verifier: CookieVerifier,
     set_cookie: cookies::SetCookieCache,
-    store: StoreHandle,
+    store: Arc<StoreHandle>,
     timeout: Duration,
     retries: u32,
 }
 
 impl SessionEngine {
-    pub fn new(config: &Config, store: StoreHandle) -> Self {
+    pub fn new(config: &Config, store: Arc<StoreHandle>) -> Self {
         SessionEngine {
             session: config.session.clone(),
             cookie: config.cookie.clone(),
@@ -129,9 +155,44 @@ impl SessionEngine {
     }
 
     /// Run one store operation within `store.timeout` (the whole budget,
-    /// retries included). Fast failures (connection refused) are retried
-    /// with backoff when `retry` is set and the operation is idempotent.
-    async fn call<T, F, Fut>(&self, retry: bool, mut op: F) -> Result<T, StoreError>
+    /// retries included), counted in the metrics and the request's store
+    /// time. Fast failures (connection refused) are retried with backoff
+    /// when `retry` is set and the operation is idempotent. `classify`
+    /// names the outcome of a successful call.
+    async fn call<T, F, Fut>(
+        &self,
+        rq: &RequestInfo,
+        kind: Op,
+        retry: bool,
+        classify: fn(&T) -> Outcome,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(Arc<dyn SessionStore>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let started = Instant::now();
+        let (result, timed_out) = self.call_within_budget(retry, op).await;
+        let took = started.elapsed();
+        rq.store_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let outcome = match &result {
+            Ok(v) => classify(v),
+            Err(_) if timed_out => Outcome::Timeout,
+            Err(StoreError::Rejected(_)) => Outcome::Rejected,
+            Err(_) => Outcome::Error,
+        };
+        metrics::get().store_op(kind, outcome, took);
+        result
+    }
+
+    /// [`Self::call`] without the bookkeeping; also says whether the
+    /// budget ran out.
+    async fn call_within_budget<T, F, Fut>(
+        &self,
+        retry: bool,
+        mut op: F,
+    ) -> (Result<T, StoreError>, bool)
     where
         F: FnMut(Arc<dyn SessionStore>) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -146,21 +207,19 @@ impl SessionEngine {
             .await;
             match result {
                 Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "no answer within store.timeout ({:?})",
-                        self.timeout
-                    )))
+                    let msg = format!("no answer within store.timeout ({:?})", self.timeout);
+                    return (Err(StoreError::Unavailable(msg)), true);
                 }
                 Ok(Err(StoreError::Unavailable(msg))) if retry && attempt < self.retries => {
                     attempt += 1;
                     let backoff = Duration::from_millis(10u64 << attempt.min(6));
                     if Instant::now() + backoff >= deadline {
-                        return Err(StoreError::Unavailable(msg));
+                        return (Err(StoreError::Unavailable(msg)), false);
                     }
                     tracing::debug!(attempt, error = %msg, "store call failed, retrying");
                     tokio::time::sleep(backoff).await;
                 }
-                Ok(other) => return other,
+                Ok(other) => return (other, false),
             }
         }
     }
@@ -171,7 +230,7 @@ impl SessionEngine {
         &self,
         excluded: bool,
         cookie: Found,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<SessionState, Failure> {
         if excluded {
             return Ok(SessionState::Excluded);
@@ -180,12 +239,12 @@ impl SessionEngine {
             return Ok(SessionState::Disabled);
         }
         let cookie_present = cookie.is_present();
-        let Some(id) = self.verify(cookie, request_id) else {
+        let Some(id) = self.verify(cookie, rq) else {
             return Ok(SessionState::Fresh { cookie_present });
         };
         let key = self.key(&id);
         let loaded = self
-            .call(true, |s| {
+            .call(rq, Op::Load, true, found_or_missing, |s| {
                 let key = &key;
                 async move { s.load(key).await }
             })
@@ -196,7 +255,7 @@ impl SessionEngine {
                     let too_large = stored.header_len() > self.session.max_bytes;
                     if too_large {
                         tracing::warn!(
-                            request_id,
+                            request_id = %rq.id,
                             bytes = stored.header_len(),
                             "stored session is larger than session.max_bytes; \
                              forwarding {{}} with X-Session-Error: too-large"
@@ -210,24 +269,26 @@ impl SessionEngine {
                     })
                 }
                 Err(e) => {
-                    tracing::warn!(request_id, error = %e, "ignoring an unreadable stored session; starting fresh");
+                    tracing::warn!(request_id = %rq.id, error = %e, "ignoring an unreadable stored session; starting fresh");
+                    metrics::get().session(SessionEvent::Expired);
                     Ok(SessionState::Fresh { cookie_present })
                 }
             },
             Ok(None) => {
+                metrics::get().session(SessionEvent::Expired);
                 tracing::debug!(
-                    request_id,
+                    request_id = %rq.id,
                     "session not in store (expired or destroyed); starting fresh"
                 );
                 Ok(SessionState::Fresh { cookie_present })
             }
             Err(e) => match self.session.on_store_error {
                 OnStoreError::FailClosed => {
-                    tracing::error!(request_id, error = %e, "session load failed; answering 503 (fail_closed)");
+                    tracing::error!(request_id = %rq.id, error = %e, "session load failed; answering 503 (fail_closed)");
                     Err(Failure::store_unavailable())
                 }
                 OnStoreError::FailOpen => {
-                    tracing::warn!(request_id, error = %e, "session load failed; forwarding without session (fail_open)");
+                    tracing::warn!(request_id = %rq.id, error = %e, "session load failed; forwarding without session (fail_open)");
                     Ok(SessionState::Unavailable)
                 }
             },
@@ -235,21 +296,23 @@ impl SessionEngine {
     }
 
     /// The session id of a verified cookie, if any.
-    fn verify(&self, cookie: Found, request_id: &str) -> Option<SessionId> {
+    fn verify(&self, cookie: Found, rq: &RequestInfo) -> Option<SessionId> {
         let id = match cookie {
             Found::One(value) => self.verifier.verify(&value),
             Found::Absent => return None,
             Found::Duplicated => {
+                metrics::get().session(SessionEvent::InvalidCookie);
                 tracing::debug!(
-                    request_id,
+                    request_id = %rq.id,
                     "several session cookies; treating as no session"
                 );
                 return None;
             }
         };
         if id.is_none() {
+            metrics::get().session(SessionEvent::InvalidCookie);
             tracing::debug!(
-                request_id,
+                request_id = %rq.id,
                 "session cookie did not verify; starting a fresh session"
             );
         }
@@ -266,17 +329,18 @@ impl SessionEngine {
         CommitResult {
             set_cookie: Some(cookies::expire_cookie(&self.cookie)),
             vary_cookie: true,
+            created: false,
         }
     }
 
-    fn store_failure(&self, request_id: &str, what: &str, e: StoreError) -> Failure {
+    fn store_failure(&self, rq: &RequestInfo, what: &str, e: StoreError) -> Failure {
         match e {
             StoreError::Rejected(msg) => {
-                tracing::error!(request_id, error = %msg, "upstream session update refused");
+                tracing::error!(request_id = %rq.id, error = %msg, "upstream session update refused");
                 Failure::bad_upstream(msg)
             }
             e => {
-                tracing::error!(request_id, error = %e, "session {what} failed after the upstream answered; answering 503");
+                tracing::error!(request_id = %rq.id, error = %e, "session {what} failed after the upstream answered; answering 503");
                 Failure::store_unavailable()
             }
         }
@@ -287,12 +351,12 @@ impl SessionEngine {
         &self,
         state: &SessionState,
         raw: &RawDirectives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         if let SessionState::Excluded = state {
             if raw.any {
                 tracing::warn!(
-                    request_id,
+                    request_id = %rq.id,
                     "upstream sent session headers on an excluded path; ignored"
                 );
             }
@@ -301,7 +365,7 @@ impl SessionEngine {
         let directives = raw
             .parse(&self.session.headers, self.session.max_bytes)
             .map_err(|e| {
-                tracing::error!(request_id, error = %e.0, "invalid session update from upstream; answering 502");
+                tracing::error!(request_id = %rq.id, error = %e.0, "invalid session update from upstream; answering 502");
                 Failure::bad_upstream(e.0)
             })?;
         match state {
@@ -311,7 +375,7 @@ impl SessionEngine {
                     Ok(CommitResult::default())
                 } else {
                     tracing::error!(
-                        request_id,
+                        request_id = %rq.id,
                         "upstream tried to change a session but store.type is null; answering 502"
                     );
                     Err(Failure::bad_upstream(
@@ -322,15 +386,14 @@ impl SessionEngine {
             SessionState::Unavailable => {
                 if !directives.is_empty() {
                     tracing::warn!(
-                        request_id,
+                        request_id = %rq.id,
                         "session store unavailable (fail_open): upstream's session update dropped"
                     );
                 }
                 Ok(CommitResult::default())
             }
             SessionState::Fresh { cookie_present } => {
-                self.commit_fresh(*cookie_present, &directives, request_id)
-                    .await
+                self.commit_fresh(*cookie_present, &directives, rq).await
             }
             SessionState::Existing {
                 id,
@@ -338,7 +401,7 @@ impl SessionEngine {
                 expires_at,
                 ..
             } => {
-                self.commit_existing(id, stored, *expires_at, &directives, request_id)
+                self.commit_existing(id, stored, *expires_at, &directives, rq)
                     .await
             }
         }
@@ -389,63 +452,68 @@ impl SessionEngine {
     async fn create_with_new_id(
         &self,
         value: &Bytes,
-        request_id: &str,
+        rq: &RequestInfo,
         what: &str,
     ) -> Result<SessionId, Failure> {
         for _ in 0..3 {
             let id = SessionId::generate(self.session.id_bytes);
             let key = self.key(&id);
             let created = self
-                .call(false, |s| {
+                .call(rq, Op::Create, false, written_or_conflict, |s| {
                     let key = &key;
                     async move { s.create(key, value, self.session.lifetime).await }
                 })
                 .await
-                .map_err(|e| self.store_failure(request_id, what, e))?;
+                .map_err(|e| self.store_failure(rq, what, e))?;
             if created {
                 return Ok(id);
             }
         }
         Err(self.store_failure(
-            request_id,
+            rq,
             what,
             StoreError::backend("could not find a free session id"),
         ))
     }
 
-    async fn delete(&self, key: &str, request_id: &str, what: &str) -> Result<(), Failure> {
-        self.call(true, |s| async move { s.delete(key).await })
-            .await
-            .map_err(|e| self.store_failure(request_id, what, e))
+    async fn delete(&self, key: &str, rq: &RequestInfo, what: &str) -> Result<(), Failure> {
+        self.call(
+            rq,
+            Op::Delete,
+            true,
+            |_| Outcome::Ok,
+            |s| async move { s.delete(key).await },
+        )
+        .await
+        .map_err(|e| self.store_failure(rq, what, e))
     }
 
     async fn commit_fresh(
         &self,
         cookie_present: bool,
         d: &Directives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         if d.destroy {
             return Ok(CommitResult {
                 set_cookie: cookie_present.then(|| cookies::expire_cookie(&self.cookie)),
                 vary_cookie: cookie_present,
+                created: false,
             });
         }
         let value = match self.apply(SessionRecord::new(self.session.permanent), d) {
             Ok(Update::Write(value)) => value,
             // Still empty: lazy, nothing stored, no cookie.
             Ok(_) => return Ok(CommitResult::default()),
-            Err(msg) => {
-                return Err(self.store_failure(request_id, "write", StoreError::Rejected(msg)))
-            }
+            Err(msg) => return Err(self.store_failure(rq, "write", StoreError::Rejected(msg))),
         };
-        let id = self
-            .create_with_new_id(&value, request_id, "create")
-            .await?;
-        tracing::debug!(request_id, "new session created");
+        let id = self.create_with_new_id(&value, rq, "create").await?;
+        tracing::debug!(request_id = %rq.id, "new session created");
+        metrics::get().session(SessionEvent::Created);
         Ok(CommitResult {
             set_cookie: Some(self.cookie_for(&id, value[0] == b'P')),
             vary_cookie: true,
+            created: true,
         })
     }
 
@@ -455,16 +523,17 @@ impl SessionEngine {
         stored: &StoredSession,
         expires_at: SystemTime,
         d: &Directives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         let key = self.key(id);
         if d.destroy {
-            self.delete(&key, request_id, "delete").await?;
-            tracing::debug!(request_id, "session destroyed");
+            self.delete(&key, rq, "delete").await?;
+            tracing::debug!(request_id = %rq.id, "session destroyed");
+            metrics::get().session(SessionEvent::Destroyed);
             return Ok(self.gone());
         }
         let written = if d.modifies_record() {
-            match self.update(&key, d, request_id).await? {
+            match self.update(&key, d, rq).await? {
                 Some(written) => Some(written),
                 None => return Ok(self.gone()),
             }
@@ -473,19 +542,21 @@ impl SessionEngine {
         };
         let current = written.as_ref().unwrap_or(stored);
         if d.regenerate {
-            let new_id = self.regenerate(&key, current.bytes(), request_id).await?;
+            let new_id = self.regenerate(&key, current.bytes(), rq).await?;
             return Ok(CommitResult {
                 set_cookie: Some(self.cookie_for(&new_id, current.permanent())),
                 vary_cookie: true,
+                created: false,
             });
         }
         if written.is_some() {
             return Ok(CommitResult {
                 set_cookie: Some(self.cookie_for(id, current.permanent())),
                 vary_cookie: true,
+                created: false,
             });
         }
-        self.refresh(id, &key, stored.permanent(), expires_at, request_id)
+        self.refresh(id, &key, stored.permanent(), expires_at, rq)
             .await
     }
 
@@ -497,24 +568,27 @@ impl SessionEngine {
         &self,
         key: &str,
         d: &Directives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<Option<StoredSession>, Failure> {
         let f = |current: &[u8]| self.apply_stored(current, d);
         let outcome = self
-            .call(true, |s| {
+            .call(rq, Op::Update, true, updated_or_missing, |s| {
                 let f = &f;
                 async move { s.update(key, self.session.lifetime, f).await }
             })
             .await
-            .map_err(|e| self.store_failure(request_id, "update", e))?;
+            .map_err(|e| self.store_failure(rq, "update", e))?;
         match outcome {
             UpdateOutcome::Written(value) => StoredSession::decode(value)
                 .map(Some)
-                .map_err(|e| self.store_failure(request_id, "update", StoreError::backend(e))),
-            UpdateOutcome::Deleted => Ok(None),
+                .map_err(|e| self.store_failure(rq, "update", StoreError::backend(e))),
+            UpdateOutcome::Deleted => {
+                metrics::get().session(SessionEvent::Destroyed);
+                Ok(None)
+            }
             UpdateOutcome::Missing => {
                 tracing::info!(
-                    request_id,
+                    request_id = %rq.id,
                     "session vanished during the request; upstream's update dropped"
                 );
                 Ok(None)
@@ -529,13 +603,12 @@ impl SessionEngine {
         &self,
         old_key: &str,
         value: &Bytes,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<SessionId, Failure> {
-        let new_id = self
-            .create_with_new_id(value, request_id, "regenerate")
-            .await?;
-        self.delete(old_key, request_id, "regenerate").await?;
-        tracing::debug!(request_id, "session id regenerated");
+        let new_id = self.create_with_new_id(value, rq, "regenerate").await?;
+        self.delete(old_key, rq, "regenerate").await?;
+        tracing::debug!(request_id = %rq.id, "session id regenerated");
+        metrics::get().session(SessionEvent::Regenerated);
         Ok(new_id)
     }
 
@@ -548,17 +621,18 @@ impl SessionEngine {
         key: &str,
         permanent: bool,
         expires_at: SystemTime,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         if !(self.session.refresh_each_request && permanent) {
             return Ok(CommitResult {
                 set_cookie: None,
                 vary_cookie: true,
+                created: false,
             });
         }
         if self.needs_touch(expires_at) {
             let touched = self
-                .call(true, |s| async move {
+                .call(rq, Op::Touch, true, written_or_missing, |s| async move {
                     s.touch(key, self.session.lifetime).await
                 })
                 .await;
@@ -566,14 +640,15 @@ impl SessionEngine {
                 Ok(true) => {}
                 Ok(false) => return Ok(self.gone()),
                 Err(e) if self.session.on_store_error == OnStoreError::FailOpen => {
-                    tracing::warn!(request_id, error = %e, "could not extend session expiry (fail_open: continuing)");
+                    tracing::warn!(request_id = %rq.id, error = %e, "could not extend session expiry (fail_open: continuing)");
                 }
-                Err(e) => return Err(self.store_failure(request_id, "refresh", e)),
+                Err(e) => return Err(self.store_failure(rq, "refresh", e)),
             }
         }
         Ok(CommitResult {
             set_cookie: Some(self.cookie_for(id, true)),
             vary_cookie: true,
+            created: false,
         })
     }
 
@@ -585,6 +660,39 @@ impl SessionEngine {
             .unwrap_or(Duration::ZERO);
         let since_extended = self.session.lifetime.saturating_sub(remaining);
         since_extended >= self.session.expiry_update_interval
+    }
+}
+
+fn found_or_missing<T>(v: &Option<T>) -> Outcome {
+    if v.is_some() {
+        Outcome::Ok
+    } else {
+        Outcome::Missing
+    }
+}
+
+/// `create`: `false` means a live entry holds the id.
+fn written_or_conflict(created: &bool) -> Outcome {
+    if *created {
+        Outcome::Ok
+    } else {
+        Outcome::Conflict
+    }
+}
+
+/// `touch`: `false` means there was no live entry.
+fn written_or_missing(touched: &bool) -> Outcome {
+    if *touched {
+        Outcome::Ok
+    } else {
+        Outcome::Missing
+    }
+}
+
+fn updated_or_missing(outcome: &UpdateOutcome) -> Outcome {
+    match outcome {
+        UpdateOutcome::Missing => Outcome::Missing,
+        _ => Outcome::Ok,
     }
 }
 
@@ -604,7 +712,11 @@ store: {type: memory}
     fn engine() -> SessionEngine {
         let config = Config::from_yaml(YAML).unwrap();
         let store = StoreHandle::new(&config.store.backend).unwrap();
-        SessionEngine::new(&config, store)
+        SessionEngine::new(&config, Arc::new(store))
+    }
+
+    fn rq() -> RequestInfo {
+        RequestInfo::new("t".into())
     }
 
     fn raw(headers: &[(&str, &str)]) -> RawDirectives {
@@ -629,12 +741,12 @@ store: {type: memory}
     #[tokio::test]
     async fn fresh_session_is_lazy_and_created_on_first_write() {
         let e = engine();
-        let state = e.load(false, Found::Absent, "t").await.unwrap();
+        let state = e.load(false, Found::Absent, &rq()).await.unwrap();
         assert_eq!(state.header_value().as_deref(), Some(&b"{}"[..]));
-        let nothing = e.commit(&state, &raw(&[]), "t").await.unwrap();
+        let nothing = e.commit(&state, &raw(&[]), &rq()).await.unwrap();
         assert_eq!(nothing, CommitResult::default());
         let created = e
-            .commit(&state, &raw(&[("x-session-patch", r#"{"a":1}"#)]), "t")
+            .commit(&state, &raw(&[("x-session-patch", r#"{"a":1}"#)]), &rq())
             .await
             .unwrap();
         let cookie = created.set_cookie.unwrap();
@@ -645,7 +757,7 @@ store: {type: memory}
             .strip_prefix("session=")
             .unwrap();
         let state = e
-            .load(false, Found::One(value.to_string()), "t")
+            .load(false, Found::One(value.to_string()), &rq())
             .await
             .unwrap();
         assert_eq!(state.header_value().as_deref(), Some(&br#"{"a":1}"#[..]));
@@ -654,12 +766,12 @@ store: {type: memory}
     #[tokio::test]
     async fn excluded_and_null_paths() {
         let e = engine();
-        let state = e.load(true, Found::One("x".into()), "t").await.unwrap();
+        let state = e.load(true, Found::One("x".into()), &rq()).await.unwrap();
         assert!(matches!(state, SessionState::Excluded));
         assert_eq!(state.header_value(), None);
         // Updates on excluded paths are ignored, not errors.
         let r = e
-            .commit(&state, &raw(&[("x-session", "garbage")]), "t")
+            .commit(&state, &raw(&[("x-session", "garbage")]), &rq())
             .await
             .unwrap();
         assert_eq!(r, CommitResult::default());
@@ -668,23 +780,27 @@ store: {type: memory}
     #[tokio::test]
     async fn bad_directives_are_502_and_fresh_destroy_only_expires_a_presented_cookie() {
         let e = engine();
-        let state = e.load(false, Found::Absent, "t").await.unwrap();
+        let state = e.load(false, Found::Absent, &rq()).await.unwrap();
         let err = e
-            .commit(&state, &raw(&[("x-session", "[]")]), "t")
+            .commit(&state, &raw(&[("x-session", "[]")]), &rq())
             .await
             .unwrap_err();
         assert_eq!(err.status, 502);
         let r = e
-            .commit(&state, &raw(&[("x-session-action", "destroy")]), "t")
+            .commit(&state, &raw(&[("x-session-action", "destroy")]), &rq())
             .await
             .unwrap();
         assert_eq!(r.set_cookie, None);
         let with_cookie = e
-            .load(false, Found::One("bogus".into()), "t")
+            .load(false, Found::One("bogus".into()), &rq())
             .await
             .unwrap();
         let r = e
-            .commit(&with_cookie, &raw(&[("x-session-action", "destroy")]), "t")
+            .commit(
+                &with_cookie,
+                &raw(&[("x-session-action", "destroy")]),
+                &rq(),
+            )
             .await
             .unwrap();
         assert!(r.set_cookie.unwrap().contains("Max-Age=0"));

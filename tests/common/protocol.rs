@@ -631,11 +631,7 @@ async fn assert_bad_update(s: &Setup, b: &Browser, headers: &[(&str, &str)], exp
         .header("x-request-id")
         .expect("error responses carry the request id");
     assert!(r.text.contains(&id));
-    let log = s.gw.log();
-    assert!(
-        log.lines().any(|l| l.contains(&id) && l.contains("ERROR")),
-        "no error log line with request id {id}:\n{log}"
-    );
+    s.gw.error_line_for(&id);
     assert_eq!(
         b.get("/", &[]).await.session(),
         json!({"keep": 1}),
