@@ -22,6 +22,7 @@ async fn fixture() -> StoreFixture {
 }
 
 store_suites!(fixture);
+sealed_suite!(fixture);
 persistence_suite!(fixture);
 
 fn sessions_dir(s: &common::protocol::Setup) -> std::path::PathBuf {

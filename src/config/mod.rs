@@ -99,6 +99,8 @@ pub struct SessionSettings {
     /// `session.exclude` as written (each starts with `/`); the proxy
     /// normalizes them for matching.
     pub exclude: Vec<String>,
+    /// Store keys hashed, values encrypted under the session id.
+    pub seal: bool,
 }
 
 #[derive(Clone, Debug)]

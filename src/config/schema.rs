@@ -97,6 +97,7 @@ struct Session {
     max_bytes: usize,
     on_store_error: String,
     exclude: Vec<String>,
+    seal: bool,
 }
 
 impl Default for Session {
@@ -112,6 +113,7 @@ impl Default for Session {
             max_bytes: 8192,
             on_store_error: "fail_closed".into(),
             exclude: Vec::new(),
+            seal: false,
         }
     }
 }
@@ -203,7 +205,11 @@ fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings,
         retries: common.retries,
         cleanup_interval: common.cleanup_interval,
         key_prefix: session.key_prefix.clone(),
-        max_key_len: session.key_prefix.len() + (session.id_bytes * 4).div_ceil(3),
+        // A sealed key is the prefix and a base64url SHA-256 (43 chars).
+        max_key_len: session.key_prefix.len()
+            + (session.id_bytes * 4)
+                .div_ceil(3)
+                .max(if session.seal { 43 } else { 0 }),
     };
     let backend = crate::store::parse(&kind, Value::Mapping(map), &ctx)?;
     Ok(StoreSettings {
@@ -589,6 +595,7 @@ impl Session {
             max_bytes: self.max_bytes,
             on_store_error,
             exclude: self.exclude,
+            seal: self.seal,
         })
     }
 }

@@ -9,8 +9,8 @@ use super::protocol::{Directives, RawDirectives};
 use crate::config::{Config, CookieSettings, OnStoreError, SessionSettings};
 use crate::metrics::{self, Op, Outcome, SessionEvent};
 use crate::session::{
-    merge_patch, CookieVerifier, SessionId, SessionRecord, SessionStore, StoreError, StoredSession,
-    Update, UpdateOutcome,
+    merge_patch, seal, CookieVerifier, SessionId, SessionRecord, SessionStore, StoreError,
+    StoredSession, Update, UpdateOutcome,
 };
 use crate::store::StoreHandle;
 use bytes::Bytes;
@@ -55,6 +55,8 @@ pub enum SessionState {
     /// A live session loaded from the store.
     Existing {
         id: SessionId,
+        /// Its store key (sealed or plain form).
+        key: String,
         stored: StoredSession,
         expires_at: SystemTime,
         /// Stored larger than `session.max_bytes` allows (written before
@@ -135,6 +137,8 @@ pub struct SessionEngine {
     store: Arc<StoreHandle>,
     timeout: Duration,
     retries: u32,
+    /// `session.seal`: hashed keys, values encrypted under the id.
+    seal: bool,
 }
 
 impl SessionEngine {
@@ -147,11 +151,41 @@ impl SessionEngine {
             store,
             timeout: config.store.timeout,
             retries: config.store.retries,
+            seal: config.session.seal,
         }
     }
 
-    fn key(&self, id: &SessionId) -> String {
-        id.store_key(&self.session.key_prefix)
+    /// The store key of a session in the sealed or the plain form.
+    fn key(&self, id: &SessionId, sealed: bool) -> String {
+        if sealed {
+            seal::store_key(&self.session.key_prefix, id)
+        } else {
+            id.store_key(&self.session.key_prefix)
+        }
+    }
+
+    /// What to store for a stored form (`plain`) of `id` under `key`.
+    fn encode(&self, id: &SessionId, key: &str, sealed: bool, plain: Bytes) -> Bytes {
+        if sealed {
+            seal::seal(&plain, id, key)
+        } else {
+            plain
+        }
+    }
+
+    /// The stored form of what a store holds for `id` under `key`.
+    fn decode(
+        &self,
+        id: &SessionId,
+        key: &str,
+        sealed: bool,
+        value: Bytes,
+    ) -> Result<StoredSession, String> {
+        if sealed {
+            StoredSession::decode(Bytes::from(seal::open(&value, id, key)?))
+        } else {
+            StoredSession::decode(value)
+        }
     }
 
     /// Run one store operation within `store.timeout` (the whole budget,
@@ -242,38 +276,26 @@ impl SessionEngine {
         let Some(id) = self.verify(cookie, rq) else {
             return Ok(SessionState::Fresh { cookie_present });
         };
-        let key = self.key(&id);
-        let loaded = self
-            .call(rq, Op::Load, true, found_or_missing, |s| {
-                let key = &key;
-                async move { s.load(key).await }
-            })
-            .await;
-        match loaded {
-            Ok(Some(loaded)) => match StoredSession::decode(loaded.value) {
-                Ok(stored) => {
-                    let too_large = stored.header_len() > self.session.max_bytes;
-                    if too_large {
-                        tracing::warn!(
-                            request_id = %rq.id,
-                            bytes = stored.header_len(),
-                            "stored session is larger than session.max_bytes; \
-                             forwarding {{}} with X-Session-Error: too-large"
-                        );
-                    }
-                    Ok(SessionState::Existing {
-                        id,
-                        stored,
-                        expires_at: loaded.expires_at,
-                        too_large,
-                    })
+        let key = self.key(&id, self.seal);
+        match self.find(&id, &key, rq).await {
+            Ok(Some((stored, expires_at))) => {
+                let too_large = stored.header_len() > self.session.max_bytes;
+                if too_large {
+                    tracing::warn!(
+                        request_id = %rq.id,
+                        bytes = stored.header_len(),
+                        "stored session is larger than session.max_bytes; \
+                         forwarding {{}} with X-Session-Error: too-large"
+                    );
                 }
-                Err(e) => {
-                    tracing::warn!(request_id = %rq.id, error = %e, "ignoring an unreadable stored session; starting fresh");
-                    metrics::get().session(SessionEvent::Expired);
-                    Ok(SessionState::Fresh { cookie_present })
-                }
-            },
+                Ok(SessionState::Existing {
+                    id,
+                    key,
+                    stored,
+                    expires_at,
+                    too_large,
+                })
+            }
             Ok(None) => {
                 metrics::get().session(SessionEvent::Expired);
                 tracing::debug!(
@@ -292,6 +314,79 @@ impl SessionEngine {
                     Ok(SessionState::Unavailable)
                 }
             },
+        }
+    }
+
+    /// The live session of `id` under `key` (the configured form). A
+    /// session still kept in the other form (stored before `session.seal`
+    /// was switched) is moved to this one on the way: created here, then
+    /// deleted there, so no one is logged out by the switch.
+    async fn find(
+        &self,
+        id: &SessionId,
+        key: &str,
+        rq: &RequestInfo,
+    ) -> Result<Option<(StoredSession, SystemTime)>, StoreError> {
+        if let Some(found) = self.load_form(id, key, self.seal, rq).await? {
+            return Ok(Some(found));
+        }
+        let old_key = self.key(id, !self.seal);
+        let Some((stored, _)) = self.load_form(id, &old_key, !self.seal, rq).await? else {
+            return Ok(None);
+        };
+        let value = self.encode(id, key, self.seal, stored.bytes().clone());
+        let created = self
+            .call(rq, Op::Create, false, written_or_conflict, |s| {
+                let value = &value;
+                async move { s.create(key, value, self.session.lifetime).await }
+            })
+            .await?;
+        if !created {
+            // Another request moved it first.
+            return self.load_form(id, key, self.seal, rq).await;
+        }
+        self.call(
+            rq,
+            Op::Delete,
+            true,
+            |_| Outcome::Ok,
+            |s| {
+                let old_key = &old_key;
+                async move { s.delete(old_key).await }
+            },
+        )
+        .await?;
+        tracing::info!(
+            request_id = %rq.id,
+            "session moved to the {} form (session.seal changed)",
+            if self.seal { "sealed" } else { "plain" }
+        );
+        Ok(Some((stored, SystemTime::now() + self.session.lifetime)))
+    }
+
+    /// Load and decode one form; unreadable data counts as missing (logged):
+    /// corrupt data must not lock a user out.
+    async fn load_form(
+        &self,
+        id: &SessionId,
+        key: &str,
+        sealed: bool,
+        rq: &RequestInfo,
+    ) -> Result<Option<(StoredSession, SystemTime)>, StoreError> {
+        let loaded = self
+            .call(rq, Op::Load, true, found_or_missing, |s| async move {
+                s.load(key).await
+            })
+            .await?;
+        let Some(loaded) = loaded else {
+            return Ok(None);
+        };
+        match self.decode(id, key, sealed, loaded.value) {
+            Ok(stored) => Ok(Some((stored, loaded.expires_at))),
+            Err(e) => {
+                tracing::warn!(request_id = %rq.id, error = %e, "ignoring an unreadable stored session");
+                Ok(None)
+            }
         }
     }
 
@@ -397,11 +492,12 @@ impl SessionEngine {
             }
             SessionState::Existing {
                 id,
+                key,
                 stored,
                 expires_at,
                 ..
             } => {
-                self.commit_existing(id, stored, *expires_at, &directives, rq)
+                self.commit_existing(id, key, stored, *expires_at, &directives, rq)
                     .await
             }
         }
@@ -434,11 +530,26 @@ impl SessionEngine {
         Ok(Update::Write(value))
     }
 
-    /// [`Self::apply`] to a stored value, as a store's update step: a value
-    /// that does not decode is treated as no session.
-    fn apply_stored(&self, current: &[u8], d: &Directives) -> Result<Update, String> {
-        match SessionRecord::from_stored(current) {
-            Ok(record) => self.apply(record, d),
+    /// [`Self::apply`] to a stored value of `id` under `key`, as a store's
+    /// update step: a value that does not decode (or decrypt) is treated
+    /// as no session.
+    fn apply_stored(
+        &self,
+        id: &SessionId,
+        key: &str,
+        current: &[u8],
+        d: &Directives,
+    ) -> Result<Update, String> {
+        let plain = if self.seal {
+            seal::open(current, id, key).map(std::borrow::Cow::Owned)
+        } else {
+            Ok(std::borrow::Cow::Borrowed(current))
+        };
+        match plain.and_then(|p| SessionRecord::from_stored(&p)) {
+            Ok(record) => Ok(match self.apply(record, d)? {
+                Update::Write(value) => Update::Write(self.encode(id, key, self.seal, value)),
+                other => other,
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "stored session unreadable during an update; treating it as gone");
                 Ok(Update::Unreadable)
@@ -446,18 +557,20 @@ impl SessionEngine {
         }
     }
 
-    /// Store `value` under a new random id. A client-chosen id is never
-    /// adopted; the loop only guards against an (astronomically unlikely)
-    /// collision with a live session.
+    /// Store the stored form `plain` under a new random id (sealed for it
+    /// when `session.seal` is on). A client-chosen id is never adopted; the
+    /// loop only guards against an (astronomically unlikely) collision with
+    /// a live session.
     async fn create_with_new_id(
         &self,
-        value: &Bytes,
+        plain: &Bytes,
         rq: &RequestInfo,
         what: &str,
     ) -> Result<SessionId, Failure> {
         for _ in 0..3 {
             let id = SessionId::generate(self.session.id_bytes);
-            let key = self.key(&id);
+            let key = self.key(&id, self.seal);
+            let value = &self.encode(&id, &key, self.seal, plain.clone());
             let created = self
                 .call(rq, Op::Create, false, written_or_conflict, |s| {
                     let key = &key;
@@ -520,20 +633,20 @@ impl SessionEngine {
     async fn commit_existing(
         &self,
         id: &SessionId,
+        key: &str,
         stored: &StoredSession,
         expires_at: SystemTime,
         d: &Directives,
         rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
-        let key = self.key(id);
         if d.destroy {
-            self.delete(&key, rq, "delete").await?;
+            self.delete(key, rq, "delete").await?;
             tracing::debug!(request_id = %rq.id, "session destroyed");
             metrics::get().session(SessionEvent::Destroyed);
             return Ok(self.gone());
         }
         let written = if d.modifies_record() {
-            match self.update(&key, d, rq).await? {
+            match self.update(id, key, d, rq).await? {
                 Some(written) => Some(written),
                 None => return Ok(self.gone()),
             }
@@ -542,7 +655,7 @@ impl SessionEngine {
         };
         let current = written.as_ref().unwrap_or(stored);
         if d.regenerate {
-            let new_id = self.regenerate(&key, current.bytes(), rq).await?;
+            let new_id = self.regenerate(key, current.bytes(), rq).await?;
             return Ok(CommitResult {
                 set_cookie: Some(self.cookie_for(&new_id, current.permanent())),
                 vary_cookie: true,
@@ -556,7 +669,7 @@ impl SessionEngine {
                 created: false,
             });
         }
-        self.refresh(id, &key, stored.permanent(), expires_at, rq)
+        self.refresh(id, key, stored.permanent(), expires_at, rq)
             .await
     }
 
@@ -566,11 +679,12 @@ impl SessionEngine {
     /// (logout wins).
     async fn update(
         &self,
+        id: &SessionId,
         key: &str,
         d: &Directives,
         rq: &RequestInfo,
     ) -> Result<Option<StoredSession>, Failure> {
-        let f = |current: &[u8]| self.apply_stored(current, d);
+        let f = |current: &[u8]| self.apply_stored(id, key, current, d);
         let outcome = self
             .call(rq, Op::Update, true, updated_or_missing, |s| {
                 let f = &f;
@@ -579,7 +693,8 @@ impl SessionEngine {
             .await
             .map_err(|e| self.store_failure(rq, "update", e))?;
         match outcome {
-            UpdateOutcome::Written(value) => StoredSession::decode(value)
+            UpdateOutcome::Written(value) => self
+                .decode(id, key, self.seal, value)
                 .map(Some)
                 .map_err(|e| self.store_failure(rq, "update", StoreError::backend(e))),
             UpdateOutcome::Deleted => {

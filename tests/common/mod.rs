@@ -47,6 +47,8 @@ pub fn unique(tag: &str) -> String {
 pub struct StoreFixture {
     pub yaml: String,
     pub guard: Box<dyn std::any::Any + Send + Sync>,
+    /// Gateways of the protocol suite run with `session.seal: true`.
+    pub sealed: bool,
 }
 
 impl StoreFixture {
@@ -54,7 +56,14 @@ impl StoreFixture {
         StoreFixture {
             yaml: yaml.into(),
             guard: Box::new(guard),
+            sealed: false,
         }
+    }
+
+    /// The same store, with sealed sessions.
+    pub fn sealed(mut self) -> Self {
+        self.sealed = true;
+        self
     }
 
     /// The store this fixture describes, opened as the gateway opens it

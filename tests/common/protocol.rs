@@ -160,7 +160,11 @@ pub async fn setup(
     tweak: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
 ) -> Setup {
     let up = Upstream::start().await;
-    let gw = tweak(GatewayBuilder::new(up.port, &fx.yaml)).start();
+    let mut builder = GatewayBuilder::new(up.port, &fx.yaml);
+    if fx.sealed {
+        builder = builder.session("seal", "true");
+    }
+    let gw = tweak(builder).start();
     Setup { up, gw, fx }
 }
 
@@ -1179,6 +1183,20 @@ macro_rules! persistence_suite {
                 )
                 .await;
             }
+        }
+    };
+}
+
+/// The whole protocol suite again with `session.seal: true`, from the
+/// store's fixture: `sealed_suite!(fixture)`.
+#[macro_export]
+macro_rules! sealed_suite {
+    ($fixture:ident) => {
+        mod sealed {
+            async fn $fixture() -> $crate::common::StoreFixture {
+                super::$fixture().await.sealed()
+            }
+            $crate::protocol_suite!($fixture);
         }
     };
 }
