@@ -6,6 +6,8 @@
 
 pub mod contract;
 pub mod gateway;
+#[cfg(feature = "memcached")]
+pub mod memcached_server;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
