@@ -17,7 +17,7 @@ use common::memcached_server::{store_yaml, MemcachedServer};
 use common::protocol::{setup, Browser, Setup};
 use common::StoreFixture;
 use serde_json::json;
-use session_gateway::session::{SessionRecord, SessionStore, StoreError, Update, UpdateOutcome};
+use session_gateway::session::{SessionRecord, StoreError, Update, UpdateOutcome};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
