@@ -1,5 +1,5 @@
 //! The stores the bench can run, and what each needs around it: a private
-//! `redis-server`, a SQLite file, a unique table on the shared PostgreSQL
+//! `redis-server` or `memcached`, a SQLite file, a unique table on the shared PostgreSQL
 //! and MariaDB servers (dropped at the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
 //! is what every other store is compared with.
@@ -7,11 +7,12 @@
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "baseline",
     "memory",
     "filesystem",
     "redis",
+    "memcached",
     "sqlite",
     "postgres",
     "mysql",
@@ -30,8 +31,9 @@ pub struct StoreEnv {
     pub sessions_off: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
-    /// The private redis-server, if any (killed on drop).
-    pub _redis: Option<Proc>,
+    /// The private store server (redis-server, memcached), if any
+    /// (killed on drop).
+    pub server: Option<Proc>,
 }
 
 /// Set up `name` under `dir`. `run_id` makes table names unique.
@@ -41,7 +43,7 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         yaml,
         sessions_off: false,
         sql_table: None,
-        _redis: None,
+        server: None,
     };
     let sql = |url: &str| {
         let table = format!("sgw_bench_{run_id}");
@@ -67,7 +69,18 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
                 "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
                 redis.port
             ));
-            e._redis = Some(redis);
+            e.server = Some(redis);
+            Ok(e)
+        }
+        "memcached" => {
+            let memcached_dir = dir.join("memcached");
+            std::fs::create_dir_all(&memcached_dir).map_err(|e| e.to_string())?;
+            let memcached = procs::start_memcached(&memcached_dir)?;
+            let mut e = env(format!(
+                "{{type: memcached, servers: [127.0.0.1:{}]}}",
+                memcached.port
+            ));
+            e.server = Some(memcached);
             Ok(e)
         }
         "sqlite" => {
