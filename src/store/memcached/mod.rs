@@ -32,7 +32,7 @@ use crate::yaml::ConfigError;
 use async_trait::async_trait;
 use bytes::Bytes;
 use item::Decoded;
-use memcache::exp::{AsyncMetaClient, Error as McError, Meta, MutationStatus};
+use memcache::exp::{AsyncMetaClient, Error as McError, Meta, MutationResult, MutationStatus};
 use route::Rendezvous;
 use serde_yaml::Value as Yaml;
 use std::sync::Arc;
@@ -214,18 +214,26 @@ impl MemcachedStore {
             .ttl_raw(exptime)
             .compare_cas(cas)
             .send()
-            .await
-            .map_err(|e| map_err(server, e))?;
-        match done.status {
-            MutationStatus::Applied => Ok(true),
-            MutationStatus::CasMismatch | MutationStatus::NotFound => Ok(false),
-            other => Err(unexpected(server, other)),
-        }
+            .await;
+        if_unchanged(server, done)
     }
 }
 
 fn now_ms() -> u64 {
     item::ms(SystemTime::now())
+}
+
+/// The outcome of a CAS-checked set or delete: `true` if it acted,
+/// `false` if the item changed or is gone.
+fn if_unchanged(
+    server: &Server,
+    done: Result<MutationResult, McError>,
+) -> Result<bool, StoreError> {
+    match done.map_err(|e| map_err(server, e))?.status {
+        MutationStatus::Applied => Ok(true),
+        MutationStatus::CasMismatch | MutationStatus::NotFound => Ok(false),
+        other => Err(unexpected(server, other)),
+    }
 }
 
 fn unexpected(server: &Server, status: MutationStatus) -> StoreError {
@@ -273,17 +281,8 @@ impl CasOps for MemcachedStore {
 
     async fn delete_if(&self, key: &str, cas: &u64) -> Result<bool, StoreError> {
         let (server, client) = self.server(key).await?;
-        let done = client
-            .delete(key)
-            .compare_cas(*cas)
-            .send()
-            .await
-            .map_err(|e| map_err(server, e))?;
-        match done.status {
-            MutationStatus::Applied => Ok(true),
-            MutationStatus::CasMismatch | MutationStatus::NotFound => Ok(false),
-            other => Err(unexpected(server, other)),
-        }
+        let done = client.delete(key).compare_cas(*cas).send().await;
+        if_unchanged(server, done)
     }
 }
 
