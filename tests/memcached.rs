@@ -12,20 +12,21 @@
 mod common;
 
 use bytes::Bytes;
-use common::gateway::{binary, run_cli, KEY_A};
+use common::gateway::{run_cli, KEY_A};
 use common::memcached_server::{store_yaml, MemcachedServer};
+use common::outage;
 use common::protocol::{setup, Browser, Setup};
+use common::server::ServerProcess;
 use common::StoreFixture;
 use serde_json::json;
 use session_gateway::session::{SessionRecord, StoreError, Update, UpdateOutcome};
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-/// Store timeout of the outage tests, and how much later than it a 503
-/// may arrive (process scheduling on a busy CI machine).
+/// Store timeout of the outage tests.
 const TIMEOUT: Duration = Duration::from_millis(500);
-const MARGIN: Duration = Duration::from_millis(400);
+/// Lifetime of sessions in store-level tests.
+const TTL: Duration = Duration::from_secs(600);
 
 async fn fixture() -> StoreFixture {
     let server = MemcachedServer::start();
@@ -35,12 +36,21 @@ async fn fixture() -> StoreFixture {
 store_suites!(fixture);
 persistence_suite!(fixture);
 
-fn server(s: &Setup) -> &MemcachedServer {
-    s.fx.guard.downcast_ref().unwrap()
+fn memcached(fx: &StoreFixture) -> &MemcachedServer {
+    fx.guard.downcast_ref().unwrap()
 }
 
-fn server_mut(s: &mut Setup) -> &mut MemcachedServer {
-    s.fx.guard.downcast_mut().unwrap()
+fn server(s: &Setup) -> &MemcachedServer {
+    memcached(&s.fx)
+}
+
+fn process(s: &mut Setup) -> &mut ServerProcess {
+    &mut s
+        .fx
+        .guard
+        .downcast_mut::<MemcachedServer>()
+        .unwrap()
+        .process
 }
 
 /// The memcached key of a browser's session (default `key_prefix`).
@@ -163,9 +173,8 @@ async fn sessions_expire_with_a_2s_lifetime() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn items_past_their_stored_expiry_are_no_session() {
     let fx = fixture().await;
-    let mc: &MemcachedServer = fx.guard.downcast_ref().unwrap();
+    let mc = memcached(&fx);
     let store = fx.store().await;
-    let ttl = Duration::from_secs(600);
     let old = our_item(now_ms() - 1_000, &record(json!({"a": 1})));
     for (key, raw) in [
         ("expired", old.as_slice()),
@@ -173,16 +182,16 @@ async fn items_past_their_stored_expiry_are_no_session() {
     ] {
         mc.set_raw(key, raw, 60);
         assert_eq!(store.load(key).await.unwrap(), None, "{key}");
-        assert!(!store.touch(key, ttl).await.unwrap(), "{key}: touched");
+        assert!(!store.touch(key, TTL).await.unwrap(), "{key}: touched");
         let same = |v: &[u8]| Ok(Update::Write(Bytes::copy_from_slice(v)));
         assert_eq!(
-            store.update(key, ttl, &same).await.unwrap(),
+            store.update(key, TTL, &same).await.unwrap(),
             UpdateOutcome::Missing,
             "{key}"
         );
         assert_eq!(mc.item(key).unwrap().0, raw, "{key}: rewritten");
         let fresh = record(json!({"new": true}));
-        assert!(store.create(key, &fresh, ttl).await.unwrap(), "{key}");
+        assert!(store.create(key, &fresh, TTL).await.unwrap(), "{key}");
         assert_eq!(store.load(key).await.unwrap().unwrap().value, fresh);
     }
 }
@@ -192,7 +201,7 @@ async fn items_past_their_stored_expiry_are_no_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn touch_moves_both_expiries_and_never_recreates() {
     let fx = fixture().await;
-    let mc: &MemcachedServer = fx.guard.downcast_ref().unwrap();
+    let mc = memcached(&fx);
     let store = fx.store().await;
     let value = record(json!({"a": 1}));
     assert!(store
@@ -225,38 +234,49 @@ async fn touch_moves_both_expiries_and_never_recreates() {
     assert_eq!(mc.item("t"), None, "touch recreated a deleted item");
 }
 
-/// Another gateway writes between `update`'s read and its write: the CAS
-/// write fails and the update runs again on their value.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_conflicting_write_is_retried_on_the_new_value() {
-    let fx = fixture().await;
-    let mc: &MemcachedServer = fx.guard.downcast_ref().unwrap();
+/// Create `key` holding `{"a": 1}` and update it, adding `"mine"`, with
+/// `interfere` run on the server in the middle of the first attempt (as
+/// another gateway would). Returns the outcome and how often the update
+/// step ran.
+async fn racing_update(
+    fx: &StoreFixture,
+    key: &str,
+    interfere: impl Fn(&MemcachedServer) + Send + Sync,
+) -> (UpdateOutcome, usize) {
     let store = fx.store().await;
-    let ttl = Duration::from_secs(600);
     assert!(store
-        .create("race", &record(json!({"a": 1})), ttl)
+        .create(key, &record(json!({"a": 1})), TTL)
         .await
         .unwrap());
     let calls = AtomicUsize::new(0);
     let out = store
-        .update("race", ttl, &|current| {
-            let mut r = SessionRecord::from_stored(current).unwrap();
+        .update(key, TTL, &|current| {
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                let theirs = record(json!({"a": 1, "theirs": true}));
-                mc.set_raw("race", &our_item(now_ms() + 600_000, &theirs), 600);
+                interfere(memcached(fx));
             }
+            let mut r = SessionRecord::from_stored(current).unwrap();
             r.data.insert("mine".into(), json!(true));
             Ok(Update::Write(r.encode()))
         })
         .await
         .unwrap();
-    assert_eq!(
-        calls.load(Ordering::SeqCst),
-        2,
-        "the conflict went unnoticed"
-    );
+    (out, calls.load(Ordering::SeqCst))
+}
+
+/// Another gateway writes between `update`'s read and its write: the CAS
+/// write fails and the update runs again on their value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conflicting_write_is_retried_on_the_new_value() {
+    let fx = fixture().await;
+    let theirs = record(json!({"a": 1, "theirs": true}));
+    let (out, calls) = racing_update(&fx, "race", |mc| {
+        mc.set_raw("race", &our_item(now_ms() + 600_000, &theirs), 600)
+    })
+    .await;
+    assert_eq!(calls, 2, "the conflict went unnoticed");
     let expected = record(json!({"a": 1, "theirs": true, "mine": true}));
     assert_eq!(out, UpdateOutcome::Written(expected.clone()));
+    let store = fx.store().await;
     assert_eq!(store.load("race").await.unwrap().unwrap().value, expected);
 }
 
@@ -265,26 +285,14 @@ async fn a_conflicting_write_is_retried_on_the_new_value() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_then_a_late_patch_does_not_revive_the_id() {
     let fx = fixture().await;
-    let mc: &MemcachedServer = fx.guard.downcast_ref().unwrap();
-    let store = fx.store().await;
-    let ttl = Duration::from_secs(600);
-    assert!(store
-        .create("late", &record(json!({"a": 1})), ttl)
-        .await
-        .unwrap());
-    let out = store
-        .update("late", ttl, &|current| {
-            // Logout lands while this patch is being applied.
-            mc.delete_raw("late");
-            let mut r = SessionRecord::from_stored(current).unwrap();
-            r.data.insert("late".into(), json!(1));
-            Ok(Update::Write(r.encode()))
-        })
-        .await
-        .unwrap();
+    let (out, _) = racing_update(&fx, "late", |mc| assert!(mc.delete_raw("late"))).await;
     assert_eq!(out, UpdateOutcome::Missing);
-    assert_eq!(mc.item("late"), None, "the destroyed session was revived");
-    assert_eq!(store.load("late").await.unwrap(), None);
+    assert_eq!(
+        memcached(&fx).item("late"),
+        None,
+        "the destroyed session was revived"
+    );
+    assert_eq!(fx.store().await.load("late").await.unwrap(), None);
 }
 
 /// 50 concurrent read-modify-writes of one session from five stores (five
@@ -306,23 +314,22 @@ async fn concurrent_updates_from_several_gateways_lose_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn values_past_the_item_size_limit_are_refused_before_sending() {
     let fx = fixture().await;
-    let mc: &MemcachedServer = fx.guard.downcast_ref().unwrap();
+    let mc = memcached(&fx);
     let store = fx.store().await;
-    let ttl = Duration::from_secs(600);
     let key = "session:size";
     // 1 MiB, less the store's allowance per item (128 bytes), the key and
     // the 12-byte header.
     let largest = (1 << 20) - 128 - key.len() - 12;
     let big = Bytes::from(vec![b'x'; largest]);
-    assert!(store.create(key, &big, ttl).await.unwrap());
+    assert!(store.create(key, &big, TTL).await.unwrap());
     assert_eq!(store.load(key).await.unwrap().unwrap().value, big);
     store.delete(key).await.unwrap();
 
     let small = record(json!({"a": 1}));
-    assert!(store.create(key, &small, ttl).await.unwrap());
+    assert!(store.create(key, &small, TTL).await.unwrap());
     let too_big = Bytes::from(vec![b'x'; largest + 1]);
     let err = store
-        .update(key, ttl, &|_| Ok(Update::Write(too_big.clone())))
+        .update(key, TTL, &|_| Ok(Update::Write(too_big.clone())))
         .await
         .unwrap_err();
     assert!(
@@ -332,77 +339,26 @@ async fn values_past_the_item_size_limit_are_refused_before_sending() {
     assert_eq!(store.load(key).await.unwrap().unwrap().value, small);
     assert!(mc.item(key).is_some());
     let err = store
-        .create("session:other", &too_big, ttl)
+        .create("session:other", &too_big, TTL)
         .await
         .unwrap_err();
     assert!(matches!(err, StoreError::Rejected(_)), "{err:?}");
 }
 
-/// Kill memcached mid-test: requests fail within the timeout (fail_closed:
-/// 503 without contacting the upstream); once it is back on the same port
-/// the next request succeeds, without restarting the gateway.
+/// Kill memcached mid-test: 503 within the timeout (fail_closed), then
+/// recovery on the same port without restarting the gateway.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_answers_503_within_timeout_then_recovers() {
     let mut s = setup(fixture().await, |b| b).await;
-    let b = Browser::new(&s.gw);
-    b.patch("/", json!({"a": 1})).await;
-    assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));
-
-    server_mut(&mut s).stop();
-    let hits = s.up.hits();
-    for _ in 0..3 {
-        let started = Instant::now();
-        let r = b.get("/", &[]).await;
-        let took = started.elapsed();
-        assert_eq!(r.status, 503, "{}", r.text);
-        assert!(r.text.contains("session store unavailable"), "{}", r.text);
-        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
-    }
-    let r = Browser::new(&s.gw).patch("/", json!({"n": 1})).await;
-    assert_eq!(r.status, 503, "{}", r.text);
-    assert_eq!(r.session_cookie(), None);
-    assert_eq!(
-        s.up.hits(),
-        hits + 1,
-        "only the new visitor reached the app"
-    );
-
-    server_mut(&mut s).start_again();
-    // The items died with the server: the old cookie finds no session,
-    // but the request succeeds.
-    let r = b.get("/", &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.session(), json!({}));
-    assert_eq!(b.patch("/", json!({"back": true})).await.status, 200);
-    assert_eq!(b.get("/", &[]).await.session(), json!({"back": true}));
+    outage::stopped_server_then_recovery(&mut s, TIMEOUT, process).await;
 }
 
 /// A frozen memcached (SIGSTOP: connections open, no answers) must not
 /// hold requests beyond `store.timeout`; after SIGCONT it carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hung_memcached_answers_503_within_timeout_then_recovers() {
-    let s = setup(fixture().await, |b| b).await;
-    let b = Browser::new(&s.gw);
-    b.patch("/", json!({"a": 1})).await;
-
-    server(&s).pause();
-    for _ in 0..2 {
-        let started = Instant::now();
-        let r = b.get("/", &[]).await;
-        let took = started.elapsed();
-        assert_eq!(r.status, 503, "{}", r.text);
-        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
-        assert!(
-            took >= TIMEOUT - Duration::from_millis(50),
-            "503 after {took:?}: should have waited for store.timeout"
-        );
-    }
-    server(&s).resume();
-    let r = b.get("/", &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.session(), json!({"a": 1}), "the data survived the freeze");
-    assert_eq!(b.patch("/", json!({"b": 2})).await.status, 200);
-    assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1, "b": 2}));
+    let mut s = setup(fixture().await, |b| b).await;
+    outage::frozen_server_then_recovery(&mut s, TIMEOUT, process).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -411,19 +367,7 @@ async fn fail_open_during_outage_forwards_with_error_header() {
         b.session("on_store_error", "fail_open")
     })
     .await;
-    let b = Browser::new(&s.gw);
-    b.patch("/", json!({"a": 1})).await;
-    server_mut(&mut s).stop();
-    let started = Instant::now();
-    let r = b.patch("/", json!({"b": 2})).await;
-    assert!(started.elapsed() < TIMEOUT + MARGIN);
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.session(), json!({}));
-    assert_eq!(
-        r.upstream_header("x-session-error").as_deref(),
-        Some("store-unavailable")
-    );
-    assert_eq!(r.session_cookie(), None, "fail_open writes nothing back");
+    outage::stopped_server_fail_open(&mut s, TIMEOUT, process).await;
 }
 
 /// Run `--test` on `conf/memcached.yaml` with its server list replaced
@@ -441,22 +385,12 @@ fn check_shipped_config(servers: &str, key_prefix: Option<&str>) -> (i32, String
     if let Some(prefix) = key_prefix {
         text = text.replace(default_prefix, &format!("key_prefix: {prefix:?}"));
     }
+    // What the shipped file reads from the environment.
+    let text = text.replace("${SESSION_SECRET}", KEY_A);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("memcached.yaml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(binary())
-        .args(["-c", path.to_str().unwrap(), "--test"])
-        .current_dir(dir.path())
-        .env("SESSION_SECRET", KEY_A)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    run_cli(&["-c", path.to_str().unwrap(), "--test"], dir.path())
 }
 
 #[test]

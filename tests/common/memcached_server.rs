@@ -1,7 +1,7 @@
 //! Real memcached servers for tests: a private `memcached` on a free
-//! loopback port (64 MiB, one thread, default 1 MiB item limit), killed on
-//! drop, that a test can stop and start again on the same port (an
-//! outage: its items are gone) or freeze (SIGSTOP). A small blocking
+//! loopback port (64 MiB, one thread, default 1 MiB item limit), a
+//! [`ServerProcess`] killed on drop, that a test can stop and start again
+//! on the same port (an outage: its items are gone) or freeze (SIGSTOP). A small blocking
 //! meta-protocol client reads items behind the gateway's back, with
 //! timeouts, so a frozen server cannot hang a test.
 //!
@@ -26,7 +26,9 @@ pub fn server_bin() -> String {
 
 pub struct MemcachedServer {
     pub port: u16,
-    process: ServerProcess,
+    /// Stop (SIGKILL: its items are gone), start again on the same port,
+    /// pause and resume it through this.
+    pub process: ServerProcess,
 }
 
 impl MemcachedServer {
@@ -61,26 +63,6 @@ impl MemcachedServer {
     /// `127.0.0.1:<port>`.
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Kill the server (an outage; its items are gone).
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// Start again on the same port after [`stop`](Self::stop).
-    pub fn start_again(&mut self) {
-        self.process.start_again();
-    }
-
-    /// Freeze the process (SIGSTOP): connections open, nothing answers.
-    pub fn pause(&self) {
-        self.process.pause();
-    }
-
-    /// Thaw a [`pause`](Self::pause)d server (SIGCONT).
-    pub fn resume(&self) {
-        self.process.resume();
     }
 
     /// The raw item under `key` and its remaining TTL in seconds (`-1`:
