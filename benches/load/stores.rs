@@ -53,6 +53,17 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         e.sql_table = Some((url.to_string(), table));
         e
     };
+    // A private server started in `dir/<name>`, and the YAML for its port.
+    let with_server = |start: fn(&Path) -> Result<Proc, String>, yaml: fn(u16) -> String| {
+        let server_dir = dir.join(name);
+        std::fs::create_dir_all(&server_dir).map_err(|e| e.to_string())?;
+        let server = start(&server_dir)?;
+        let yaml = yaml(server.port);
+        Ok(StoreEnv {
+            server: Some(server),
+            ..env(yaml)
+        })
+    };
     match name {
         "baseline" => Ok(StoreEnv {
             sessions_off: true,
@@ -61,28 +72,12 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         "memory" => Ok(env("{type: memory}".into())),
         // `dir` is relative to each gateway's own temporary directory.
         "filesystem" => Ok(env("{type: filesystem, dir: ./sessions}".into())),
-        "redis" => {
-            let redis_dir = dir.join("redis");
-            std::fs::create_dir_all(&redis_dir).map_err(|e| e.to_string())?;
-            let redis = procs::start_redis(&redis_dir)?;
-            let mut e = env(format!(
-                "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
-                redis.port
-            ));
-            e.server = Some(redis);
-            Ok(e)
-        }
-        "memcached" => {
-            let memcached_dir = dir.join("memcached");
-            std::fs::create_dir_all(&memcached_dir).map_err(|e| e.to_string())?;
-            let memcached = procs::start_memcached(&memcached_dir)?;
-            let mut e = env(format!(
-                "{{type: memcached, servers: [127.0.0.1:{}]}}",
-                memcached.port
-            ));
-            e.server = Some(memcached);
-            Ok(e)
-        }
+        "redis" => with_server(procs::start_redis, |port| {
+            format!("{{type: redis, url: \"redis://127.0.0.1:{port}\"}}")
+        }),
+        "memcached" => with_server(procs::start_memcached, |port| {
+            format!("{{type: memcached, servers: [127.0.0.1:{port}]}}")
+        }),
         "sqlite" => {
             // An existing (empty) file is a valid database for any URL form.
             let file = dir.join("sessions.db");
