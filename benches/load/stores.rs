@@ -1,5 +1,5 @@
 //! The stores the bench can run, and what each needs around it: a private
-//! `redis-server`, a SQLite file, a unique table on the shared PostgreSQL
+//! `redis-server` or `memcached`, a SQLite file, a unique table on the shared PostgreSQL
 //! and MariaDB servers (dropped at the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
 //! is what every other store is compared with.
@@ -7,11 +7,12 @@
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "baseline",
     "memory",
     "filesystem",
     "redis",
+    "memcached",
     "sqlite",
     "postgres",
     "mysql",
@@ -30,8 +31,9 @@ pub struct StoreEnv {
     pub sessions_off: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
-    /// The private redis-server, if any (killed on drop).
-    pub _redis: Option<Proc>,
+    /// The private store server (redis-server, memcached), if any
+    /// (killed on drop).
+    pub server: Option<Proc>,
 }
 
 /// Set up `name` under `dir`. `run_id` makes table names unique.
@@ -41,7 +43,7 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         yaml,
         sessions_off: false,
         sql_table: None,
-        _redis: None,
+        server: None,
     };
     let sql = |url: &str| {
         let table = format!("sgw_bench_{run_id}");
@@ -51,6 +53,17 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         e.sql_table = Some((url.to_string(), table));
         e
     };
+    // A private server started in `dir/<name>`, and the YAML for its port.
+    let with_server = |start: fn(&Path) -> Result<Proc, String>, yaml: fn(u16) -> String| {
+        let server_dir = dir.join(name);
+        std::fs::create_dir_all(&server_dir).map_err(|e| e.to_string())?;
+        let server = start(&server_dir)?;
+        let yaml = yaml(server.port);
+        Ok(StoreEnv {
+            server: Some(server),
+            ..env(yaml)
+        })
+    };
     match name {
         "baseline" => Ok(StoreEnv {
             sessions_off: true,
@@ -59,17 +72,12 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         "memory" => Ok(env("{type: memory}".into())),
         // `dir` is relative to each gateway's own temporary directory.
         "filesystem" => Ok(env("{type: filesystem, dir: ./sessions}".into())),
-        "redis" => {
-            let redis_dir = dir.join("redis");
-            std::fs::create_dir_all(&redis_dir).map_err(|e| e.to_string())?;
-            let redis = procs::start_redis(&redis_dir)?;
-            let mut e = env(format!(
-                "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
-                redis.port
-            ));
-            e._redis = Some(redis);
-            Ok(e)
-        }
+        "redis" => with_server(procs::start_redis, |port| {
+            format!("{{type: redis, url: \"redis://127.0.0.1:{port}\"}}")
+        }),
+        "memcached" => with_server(procs::start_memcached, |port| {
+            format!("{{type: memcached, servers: [127.0.0.1:{port}]}}")
+        }),
         "sqlite" => {
             // An existing (empty) file is a valid database for any URL form.
             let file = dir.join("sessions.db");

@@ -11,6 +11,8 @@
 
 pub mod cas;
 pub mod filesystem;
+#[cfg(feature = "memcached")]
+pub mod memcached;
 pub mod memory;
 pub mod null;
 #[cfg(feature = "redis")]
@@ -120,6 +122,7 @@ pub const REGISTRY: &[Entry] = &[
     },
     optional!("redis", redis),
     optional!("sql", sql),
+    optional!("memcached", memcached),
 ];
 
 /// The `store:` section, parsed: which backend and its settings.

@@ -6,6 +6,9 @@
 
 pub mod contract;
 pub mod gateway;
+#[cfg(feature = "memcached")]
+pub mod memcached_server;
+pub mod outage;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
