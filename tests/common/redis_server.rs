@@ -149,9 +149,15 @@ pub struct RedisCluster {
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        Self::start_with(&[])
+    }
+
+    /// A cluster whose nodes get extra `redis-server` arguments (e.g.
+    /// `--appendonly yes` so a restarted node keeps its data).
+    pub fn start_with(extra: &[&str]) -> RedisCluster {
         let nodes: Vec<RedisServer> = (0..3)
             .map(|_| {
-                RedisServer::start_with(&[
+                let mut args = vec![
                     "--cluster-enabled",
                     "yes",
                     "--cluster-config-file",
@@ -160,7 +166,9 @@ impl RedisCluster {
                     "1000",
                     "--cluster-require-full-coverage",
                     "no",
-                ])
+                ];
+                args.extend_from_slice(extra);
+                RedisServer::start_with(&args)
             })
             .collect();
         let addrs: Vec<String> = nodes
