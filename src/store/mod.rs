@@ -10,6 +10,8 @@
 //! feature is missing.
 
 pub mod cas;
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 pub mod filesystem;
 pub mod memory;
 pub mod null;
@@ -120,6 +122,7 @@ pub const REGISTRY: &[Entry] = &[
     },
     optional!("redis", redis),
     optional!("sql", sql),
+    optional!("dynamodb", dynamodb),
 ];
 
 /// The `store:` section, parsed: which backend and its settings.
