@@ -1,5 +1,6 @@
 //! Child processes of the bench: the gateway under test (the same binary
-//! users run, built by `cargo bench`) and a private `redis-server`. Every
+//! users run, built by `cargo bench`) and private store servers
+//! (`redis-server`, moto's `moto_server` for DynamoDB). Every
 //! child is killed on drop and also when the bench process dies
 //! (`PR_SET_PDEATHSIG`), so an interrupted run leaves nothing behind.
 
@@ -187,6 +188,38 @@ pub fn start_redis(dir: &Path) -> Result<Proc, String> {
             let _ = child.kill();
             let _ = child.wait();
             Err(format!("redis-server {e}:\n{}", tail(&log, 5)))
+        }
+    }
+}
+
+/// A private `moto_server` (moto's DynamoDB stand-in) on a free port, from
+/// the Python environment `./scripts/test` creates (`SGW_TEST_VENV`,
+/// default `target/test-venv`). State lives in its memory only.
+pub fn start_moto(dir: &Path) -> Result<Proc, String> {
+    let venv = std::env::var_os("SGW_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    let bin = venv.join("bin/moto_server");
+    let port = free_port();
+    let log = dir.join("moto.log");
+    let mut child = spawn(
+        Command::new(&bin)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir),
+        &log,
+    )
+    .map_err(|e| {
+        format!(
+            "cannot run {} ({e}); ./scripts/test creates that environment (or set SGW_TEST_VENV)",
+            bin.display()
+        )
+    })?;
+    match wait_listening(&mut child, port, Duration::from_secs(30)) {
+        Ok(()) => Ok(Proc { child, port, log }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("moto_server {e}:\n{}", tail(&log, 5)))
         }
     }
 }
