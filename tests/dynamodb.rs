@@ -260,7 +260,10 @@ async fn refresh_extends_the_expiry_without_rewriting_the_record() {
     assert_eq!(n(&after, "expires"), (n(&after, "expires_ms") + 999) / 1000);
 }
 
-/// Logout wins over a slow request's patch, and the item stays deleted.
+/// Destroy deletes the item; an update or refresh that arrives later (a
+/// slow request of the same session, or another gateway) finds nothing and
+/// writes nothing. (Through the gateway, with a real slow request, the
+/// protocol suite's `destroyed_session_is_not_revived` covers the same.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_then_late_patch_leaves_no_item() {
     let s = setup(fixture().await, |b| b).await;
@@ -268,37 +271,39 @@ async fn destroy_then_late_patch_leaves_no_item() {
     b.patch("/", json!({"a": 1})).await;
     let key = key_of(&b);
     let cookie = b.cookie().unwrap();
-    let late = {
-        let url = s.gw.url("/");
-        let cookie = cookie.clone();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .get(url)
-                .header("cookie", format!("session={cookie}"))
-                .header("x-delay-ms", "800")
-                .header("x-reply-x-session-patch", r#"{"late":1}"#)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = client(&s);
+    assert!(raw_item(&c, &moto(&s).table, &key).await.is_some());
     let r = b.get("/", &[("x-reply-x-session-action", "destroy")]).await;
     assert_eq!(r.status, 200);
-    let c = client(&s);
     assert_eq!(raw_item(&c, &moto(&s).table, &key).await, None);
-    assert_eq!(late.await.unwrap(), 200);
+
+    let late = s.fx.store().await;
+    let ttl = Duration::from_secs(600);
+    let patch = |_: &[u8]| Ok(Update::Write(Bytes::from_static(b"P{\"late\":1}")));
+    assert_eq!(
+        late.update(&key, ttl, &patch).await.unwrap(),
+        UpdateOutcome::Missing
+    );
+    assert!(!late.touch(&key, ttl).await.unwrap());
     assert_eq!(
         raw_item(&c, &moto(&s).table, &key).await,
         None,
-        "the late patch revived the item"
+        "a late write revived the item"
     );
     assert_eq!(item_count(&c, &moto(&s).table).await, 0);
+    let r = get_with_cookie(&s.gw, "/", &format!("session={cookie}"), &[]).await;
+    assert_eq!(r.session(), json!({}));
 }
 
 // ------------------------------------------------------------ --test
+
+/// A `store:` section on the shared server, with extra keys.
+fn shared_yaml(table: &str, extra: &str) -> String {
+    format!(
+        "{{type: dynamodb, table: {table}, region: {REGION}, endpoint_url: \"{}\"{extra}}}",
+        endpoint(shared_port())
+    )
+}
 
 /// `session-gateway -c <config> --test` for a `store:` section, with the
 /// log at `info` (what users run).
@@ -335,16 +340,28 @@ async fn create_table(c: &Client, table: &str, key: &str) {
         .unwrap();
 }
 
+/// The table's TTL status and attribute, as moto reports them.
+async fn ttl(c: &Client, table: &str) -> (TimeToLiveStatus, Option<String>) {
+    let out = c
+        .describe_time_to_live()
+        .table_name(table)
+        .send()
+        .await
+        .unwrap();
+    let desc = out.time_to_live_description().unwrap();
+    (
+        desc.time_to_live_status().unwrap().clone(),
+        desc.attribute_name().map(str::to_string),
+    )
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn default_creates_the_table_and_enables_ttl() {
     let port = shared_port();
     let table = table_name();
     let c = moto_server::client(port, REGION);
     assert!(c.describe_table().table_name(&table).send().await.is_err());
-    let yaml = format!(
-        "{{type: dynamodb, table: {table}, region: {REGION}, endpoint_url: \"{}\"}}",
-        endpoint(port)
-    );
+    let yaml = shared_yaml(&table, "");
     let (code, out, err) = check(&yaml, &[]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("configuration OK"), "{out}");
@@ -370,15 +387,10 @@ async fn default_creates_the_table_and_enables_ttl() {
         t.billing_mode_summary().and_then(|b| b.billing_mode()),
         Some(&BillingMode::PayPerRequest)
     );
-    let ttl = c
-        .describe_time_to_live()
-        .table_name(&table)
-        .send()
-        .await
-        .unwrap();
-    let ttl = ttl.time_to_live_description().unwrap();
-    assert_eq!(ttl.time_to_live_status(), Some(&TimeToLiveStatus::Enabled));
-    assert_eq!(ttl.attribute_name(), Some("expires"));
+    assert_eq!(
+        ttl(&c, &table).await,
+        (TimeToLiveStatus::Enabled, Some("expires".into()))
+    );
 
     // Again, with everything in place: nothing to create, no warning.
     let (code, out, err) = check(&yaml, &[]);
@@ -388,17 +400,16 @@ async fn default_creates_the_table_and_enables_ttl() {
 
 #[test]
 fn missing_table_without_create_table_fails_the_config_test() {
-    let port = shared_port();
     let table = table_name();
-    let yaml = format!(
-        "{{type: dynamodb, table: {table}, region: {REGION}, endpoint_url: \"{}\", create_table: false}}",
-        endpoint(port)
-    );
+    let yaml = shared_yaml(&table, ", create_table: false");
     let (code, out, err) = check(&yaml, &[]);
     assert_eq!(code, 1, "{out}{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
     assert!(err.starts_with("error: store.table:"), "{err}");
-    assert!(err.contains(&format!("`{table}` does not exist")), "{err}");
+    assert!(
+        err.contains(&format!("table `{table}` (store.table) does not exist")),
+        "{err}"
+    );
     assert!(err.contains("store.create_table: true"), "{err}");
 }
 
@@ -408,10 +419,7 @@ async fn existing_table_without_ttl_passes_with_a_warning() {
     let table = table_name();
     let c = moto_server::client(port, REGION);
     create_table(&c, &table, "id").await;
-    let yaml = format!(
-        "{{type: dynamodb, table: {table}, region: {REGION}, endpoint_url: \"{}\", create_table: false}}",
-        endpoint(port)
-    );
+    let yaml = shared_yaml(&table, ", create_table: false");
     let (code, out, err) = check(&yaml, &[]);
     assert_eq!(code, 0, "{out}{err}");
     let warning: Vec<&str> = err.lines().filter(|l| l.contains("WARN")).collect();
@@ -421,18 +429,7 @@ async fn existing_table_without_ttl_passes_with_a_warning() {
         "{err}"
     );
     // create_table: false never changes the table.
-    let ttl = c
-        .describe_time_to_live()
-        .table_name(&table)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(
-        ttl.time_to_live_description()
-            .unwrap()
-            .time_to_live_status(),
-        Some(&TimeToLiveStatus::Disabled)
-    );
+    assert_eq!(ttl(&c, &table).await.0, TimeToLiveStatus::Disabled);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -441,10 +438,7 @@ async fn table_with_another_key_fails_the_config_test() {
     let table = table_name();
     let c = moto_server::client(port, REGION);
     create_table(&c, &table, "pk").await;
-    let yaml = format!(
-        "{{type: dynamodb, table: {table}, region: {REGION}, endpoint_url: \"{}\"}}",
-        endpoint(port)
-    );
+    let yaml = shared_yaml(&table, "");
     let (code, out, err) = check(&yaml, &[]);
     assert_eq!(code, 1, "{out}{err}");
     let last = err.lines().last().unwrap();

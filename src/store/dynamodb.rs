@@ -34,13 +34,13 @@ use async_trait::async_trait;
 use aws_config::retry::RetryConfig;
 use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
-use aws_sdk_dynamodb::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_dynamodb::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_dynamodb::operation::create_table::CreateTableError;
 use aws_sdk_dynamodb::primitives::Blob;
 use aws_sdk_dynamodb::types::{
     AttributeDefinition, AttributeValue, BillingMode, KeySchemaElement, KeyType,
-    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableStatus, TimeToLiveSpecification,
-    TimeToLiveStatus,
+    ReturnValuesOnConditionCheckFailure, ScalarAttributeType, TableDescription, TableStatus,
+    TimeToLiveSpecification, TimeToLiveStatus,
 };
 use aws_sdk_dynamodb::Client;
 use aws_smithy_http_client::{tls, Builder as HttpClientBuilder};
@@ -364,7 +364,7 @@ impl DynamoStore {
         match f {
             Failure::Store(e) => e,
             Failure::MissingTable => StoreError::Backend(format!(
-                "dynamodb: table `{}` does not exist at {} (store.table); create it \
+                "dynamodb: table `{}` (store.table) does not exist at {}; create it \
                  (partition key `id`, type S; TTL on `expires`) or set store.create_table: true",
                 self.table, self.target
             )),
@@ -394,7 +394,7 @@ impl DynamoStore {
             SdkError::DispatchFailure(d)
                 if d.is_io() || d.is_timeout() || d.as_other().is_some() =>
             {
-                unavailable(DisplayErrorContext(&e).to_string())
+                unavailable(causes(&e))
             }
             SdkError::ServiceError(s) => {
                 let code = s.err().code().unwrap_or("");
@@ -416,14 +416,11 @@ impl DynamoStore {
                 }
             }
             SdkError::ResponseError(r) if r.raw().status().is_server_error() => {
-                unavailable(DisplayErrorContext(&e).to_string())
+                unavailable(causes(&e))
             }
             // Credentials that could not be found or loaded, a request the
             // SDK could not build, an answer that is not DynamoDB's.
-            _ => Failure::Store(StoreError::Backend(format!(
-                "dynamodb: {}",
-                DisplayErrorContext(&e)
-            ))),
+            _ => Failure::Store(StoreError::Backend(format!("dynamodb: {}", causes(&e)))),
         }
     }
 
@@ -445,16 +442,8 @@ impl DynamoStore {
         if status != Some(TableStatus::Active) {
             self.wait_active().await?;
         }
-        let ttl = self
-            .client
-            .describe_time_to_live()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| self.store_error(self.failure(e)))?;
-        let desc = ttl.time_to_live_description();
-        let status = desc.and_then(|d| d.time_to_live_status());
-        let attribute = desc.and_then(|d| d.attribute_name());
+        let (status, attribute) = self.ttl().await?;
+        let attribute = attribute.as_deref();
         match status {
             Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling) => {
                 if attribute != Some(EXPIRES) {
@@ -491,8 +480,32 @@ impl DynamoStore {
         }
     }
 
+    /// The table's TTL status and attribute.
+    async fn ttl(&self) -> Result<(Option<TimeToLiveStatus>, Option<String>), StoreError> {
+        let out = self
+            .client
+            .describe_time_to_live()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| self.store_error(self.failure(e)))?;
+        let desc = out.time_to_live_description();
+        Ok((
+            desc.and_then(|d| d.time_to_live_status()).cloned(),
+            desc.and_then(|d| d.attribute_name()).map(str::to_string),
+        ))
+    }
+
     /// The table's status; `Err(MissingTable)` if there is none.
     async fn table_status(&self) -> Result<Option<TableStatus>, Failure> {
+        Ok(self
+            .describe()
+            .await?
+            .and_then(|t| t.table_status().cloned()))
+    }
+
+    /// DescribeTable; `Err(MissingTable)` if there is none.
+    async fn describe(&self) -> Result<Option<TableDescription>, Failure> {
         let out = self
             .client
             .describe_table()
@@ -500,7 +513,7 @@ impl DynamoStore {
             .send()
             .await
             .map_err(|e| self.failure(e))?;
-        Ok(out.table().and_then(|t| t.table_status()).cloned())
+        Ok(out.table().cloned())
     }
 
     /// CreateTable, on-demand, `id` (S) as the only key. Another gateway
@@ -625,6 +638,22 @@ impl DynamoStore {
             Err(e) => Err(self.failure(e)),
         }
     }
+}
+
+/// An error and its causes on one line (`dispatch failure: io error: …:
+/// Connection refused`), without the SDK's debug dump.
+fn causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        let text = err.to_string();
+        // Wrappers often repeat their cause's text.
+        if !parts.last().is_some_and(|last| last.contains(&text)) {
+            parts.push(text);
+        }
+        next = err.source();
+    }
+    parts.join(": ")
 }
 
 /// The current time in epoch milliseconds: the gateway's clock, as in the
@@ -831,14 +860,8 @@ impl SessionStore for DynamoStore {
     /// and TTL is on `expires` (a warning if not: expired sessions are
     /// still never served, but DynamoDB keeps them).
     async fn check(&self) -> Result<(), StoreError> {
-        let out = self
-            .client
-            .describe_table()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| self.store_error(self.failure(e)))?;
-        let table = out.table();
+        let described = self.describe().await.map_err(|f| self.store_error(f))?;
+        let table = described.as_ref();
         let keys: Vec<(&str, &KeyType)> = table
             .map(|t| {
                 t.key_schema()
@@ -864,16 +887,8 @@ impl SessionStore for DynamoStore {
                 shown.join(", ")
             )));
         }
-        let ttl = self
-            .client
-            .describe_time_to_live()
-            .table_name(&self.table)
-            .send()
-            .await
-            .map_err(|e| self.store_error(self.failure(e)))?;
-        let desc = ttl.time_to_live_description();
-        let status = desc.and_then(|d| d.time_to_live_status());
-        let attribute = desc.and_then(|d| d.attribute_name());
+        let (status, attribute) = self.ttl().await?;
+        let attribute = attribute.as_deref();
         let on = matches!(
             status,
             Some(TimeToLiveStatus::Enabled | TimeToLiveStatus::Enabling)
@@ -884,7 +899,7 @@ impl SessionStore for DynamoStore {
                  expired sessions are never served, but DynamoDB keeps them; enable TTL on `{EXPIRES}` \
                  (or set store.create_table: true)",
                 self.table,
-                status.map(|s| s.as_str()).unwrap_or("unknown"),
+                status.as_ref().map(|s| s.as_str()).unwrap_or("unknown"),
                 attribute.unwrap_or("none"),
             );
         }
@@ -1014,6 +1029,28 @@ mod tests {
         let mut foreign = item("5000");
         foreign.remove(DATA);
         assert!(live(&foreign, 0).is_none(), "not our layout");
+    }
+
+    #[test]
+    fn causes_are_one_line_without_repeats() {
+        #[derive(Debug)]
+        struct Wrap(std::io::Error, &'static str);
+        impl std::fmt::Display for Wrap {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.1)
+            }
+        }
+        impl std::error::Error for Wrap {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let refused = || std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(
+            causes(&Wrap(refused(), "dispatch failure")),
+            "dispatch failure: refused"
+        );
+        assert_eq!(causes(&Wrap(refused(), "io: refused")), "io: refused");
     }
 
     #[test]
