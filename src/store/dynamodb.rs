@@ -252,12 +252,6 @@ enum Failure {
     Store(StoreError),
 }
 
-impl From<StoreError> for Failure {
-    fn from(e: StoreError) -> Self {
-        Failure::Store(e)
-    }
-}
-
 /// A live item, as read.
 struct Live {
     data: Bytes,
