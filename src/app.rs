@@ -1,24 +1,34 @@
-//! Wiring: config -> store -> engine -> pingora server, plus the one-shot
-//! commands (`check`, `cleanup`).
+//! Wiring: config -> store -> proxy runtime -> pingora server (proxy,
+//! admin listener, purge, SIGHUP reload), plus the one-shot commands
+//! (`check`, `cleanup`).
 
+use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::drain::DrainOnSignal;
-use crate::proxy::engine::SessionEngine;
-use crate::proxy::SessionProxy;
+use crate::proxy::{Runtime, SessionProxy};
+use crate::reload::Reloader;
 use crate::store::StoreHandle;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 /// Run the gateway until SIGTERM/SIGINT. With `demo`, also serve the
-/// bundled demo app on the first upstream address.
-pub fn run(config: Config, demo: bool) -> Result<(), String> {
-    let store = StoreHandle::new(&config.store.backend).map_err(|e| e.to_string())?;
+/// bundled demo app on the first upstream address. `path` is the config
+/// file SIGHUP re-reads (`None`: the embedded default).
+pub fn run(config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), String> {
+    // Until the reload handler is installed, a SIGHUP must not kill us
+    // (its default action); tokio's handler replaces this later.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+    let store = Arc::new(StoreHandle::new(&config.store.backend).map_err(|e| e.to_string())?);
     let purge_store = store.sibling();
-    let engine = Arc::new(SessionEngine::new(&config, store));
+    let current = Arc::new(ArcSwap::from_pointee(Runtime::new(&config, store.clone())));
 
     let conf = ServerConf {
         threads: config.server.threads,
@@ -31,18 +41,36 @@ pub fn run(config: Config, demo: bool) -> Result<(), String> {
 
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
-        SessionProxy::new(
-            engine.clone(),
-            config.upstreams.clone(),
-            config.server.upstream_connect_timeout,
-            config.server.upstream_read_timeout,
-        ),
+        SessionProxy::new(current.clone()),
         "session-gateway",
     );
     for addr in &config.listen {
         proxy.add_tcp(addr);
     }
     server.add_service(proxy);
+
+    if let Some(admin) = &config.admin {
+        let mut service = pingora::services::listening::Service::new(
+            "admin".to_string(),
+            AdminApp::new(store.sibling(), config.store.timeout),
+        );
+        service.add_tcp(&admin.listen);
+        server.add_service(service);
+        tracing::info!(
+            "admin endpoints on http://{}/ (healthz, readyz, metrics)",
+            admin.listen
+        );
+    }
+
+    server.add_service(background_service(
+        "config reload",
+        Reloader {
+            path,
+            started: config.clone(),
+            current,
+            store: store.clone(),
+        },
+    ));
 
     if !config.store.cleanup_interval.is_zero() {
         server.add_service(background_service(

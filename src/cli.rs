@@ -41,8 +41,15 @@ pub enum Command {
     Cleanup,
 }
 
-/// Parse argv, run, and return the process exit code.
+/// Parse argv, run, and return the process exit code (after the log
+/// writer has written out every line).
 pub fn main() -> i32 {
+    let code = run_cli();
+    crate::telemetry::flush();
+    code
+}
+
+fn run_cli() -> i32 {
     let cli = Cli::parse();
     let config = match &cli.config {
         Some(path) => Config::from_file(path),
@@ -55,7 +62,10 @@ pub fn main() -> i32 {
             return 2;
         }
     };
-    crate::telemetry::init(&config.log_level);
+    crate::telemetry::init(
+        &config.log_level,
+        config.log_format == crate::config::LogFormat::Json,
+    );
     let command = match (&cli.command, cli.test) {
         (_, true) => Command::Check,
         (Some(Command::Check), _) => Command::Check,
@@ -83,7 +93,7 @@ pub fn main() -> i32 {
                 1
             }
         },
-        Command::Run => match crate::app::run(config, cli.demo) {
+        Command::Run => match crate::app::run(config, cli.config.clone(), cli.demo) {
             Ok(()) => 0,
             Err(e) => {
                 eprintln!("error: {e}");

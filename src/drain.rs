@@ -5,11 +5,17 @@
 
 use async_trait::async_trait;
 use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
 static INFLIGHT: AtomicUsize = AtomicUsize::new(0);
+static DRAINING: AtomicBool = AtomicBool::new(false);
+
+/// A shutdown signal arrived: `/readyz` answers 503 from now on.
+pub fn draining() -> bool {
+    DRAINING.load(Ordering::Acquire)
+}
 
 /// Counts a request as in flight for as long as it lives (held in the
 /// per-request context).
@@ -46,6 +52,7 @@ impl ShutdownSignalWatch for DrainOnSignal {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
+        DRAINING.store(true, Ordering::Release);
         tracing::info!(
             "{which} received: no new connections; waiting for {} in-flight request(s)",
             inflight()
@@ -58,6 +65,7 @@ impl ShutdownSignalWatch for DrainOnSignal {
             while start.elapsed() < grace {
                 if inflight() == 0 {
                     tracing::info!("all requests finished; exiting");
+                    crate::telemetry::flush();
                     std::process::exit(0);
                 }
                 std::thread::sleep(Duration::from_millis(10));

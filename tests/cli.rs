@@ -33,6 +33,20 @@ fn valid_config_passes_and_describes_itself() {
 }
 
 #[test]
+fn valid_prefixed_cookies_and_headers_pass() {
+    for extra in [
+        "cookie: {name: __Host-session, secure: true}",
+        "cookie: {name: __Secure-session, secure: true, domain: example.com, path: /app}",
+        "session: {header: X-App-Session}",
+        "session: {header: x-s}",
+        "server: {trusted_proxies: [10.0.0.0/8, 192.0.2.7, 'fd00::/8']}",
+    ] {
+        let (code, out, err) = check(&base(extra));
+        assert_eq!(code, 0, "{extra}: {out}{err}");
+    }
+}
+
+#[test]
 fn check_subcommand_is_the_same_as_test_flag() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("g.yaml");
@@ -88,6 +102,33 @@ fn every_config_error_names_its_key() {
             "secret_keys",
         ),
         (base("server: {threads: 0}"), "server.threads"),
+        (
+            base("server: {trusted_proxies: [10.0.0.0/8, 10.0.0.0/99]}"),
+            "server.trusted_proxies[1]",
+        ),
+        (
+            base("server: {trusted_proxies: [lb.internal]}"),
+            "server.trusted_proxies[0]",
+        ),
+        // Cookies browsers would drop: sessions would never stick.
+        (base("cookie: {name: __Host-session}"), "cookie.secure"),
+        (base("cookie: {name: __secure-sid}"), "cookie.secure"),
+        (
+            base("cookie: {name: __Host-session, secure: true, domain: example.com}"),
+            "cookie.domain",
+        ),
+        (
+            base("cookie: {name: __HOST-session, secure: true, path: /app}"),
+            "cookie.path",
+        ),
+        // Protocol header names that would strip unrelated headers.
+        (base("session: {header: Content}"), "session.header"),
+        (base("session: {header: Cookie}"), "session.header"),
+        (base("session: {header: X}"), "session.header"),
+        (base("session: {header: X-}"), "session.header"),
+        (base("session: {header: X-Forwarded}"), "session.header"),
+        (base("session: {header: x_request}"), "session.header"),
+        (base("session: {header: X-Sess ion}"), "session.header"),
         (base("log_level: loud"), "log_level"),
         (
             base("").replace("{type: memory}", "{type: filesystem, dir: /proc/version/x}"),

@@ -24,7 +24,9 @@ use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
 use common::gateway::{run_cli_env, KEY_A};
 use common::moto_server::{self, endpoint, shared_port, MotoServer, REGION};
+use common::outage;
 use common::protocol::{get_with_cookie, setup, Browser, Setup};
+use common::server::ServerProcess;
 use common::{unique, StoreFixture};
 use serde_json::json;
 use session_gateway::session::{Update, UpdateOutcome};
@@ -36,10 +38,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 /// `store.timeout` of the suites: moto is a Python server sharing two
 /// cores with the gateway and the tests, so give it room.
 const SUITE_TIMEOUT: Duration = Duration::from_secs(3);
-/// `store.timeout` of the outage tests, and how much later than it a 503
-/// may arrive (process scheduling on a busy machine).
+/// `store.timeout` of the outage tests.
 const TIMEOUT: Duration = Duration::from_millis(1000);
-const MARGIN: Duration = Duration::from_millis(500);
 
 /// The server and table of a test.
 struct Moto {
@@ -90,19 +90,17 @@ fn private_fixture(timeout: Duration) -> StoreFixture {
 }
 
 store_suites!(fixture);
+sealed_suite!(fixture);
 persistence_suite!(fixture);
 
 fn moto(s: &Setup) -> &Moto {
     s.fx.guard.downcast_ref().unwrap()
 }
 
-fn server_mut(s: &mut Setup) -> &mut MotoServer {
-    s.fx.guard
-        .downcast_mut::<Moto>()
-        .unwrap()
-        .server
-        .as_mut()
-        .unwrap()
+/// The private server's process (for the outage cases).
+fn process(s: &mut Setup) -> &mut ServerProcess {
+    let moto: &mut Moto = s.fx.guard.downcast_mut().unwrap();
+    &mut moto.server.as_mut().expect("a private server").process
 }
 
 fn client(s: &Setup) -> Client {
@@ -662,77 +660,30 @@ async fn a_write_whose_answer_was_lost_is_not_mistaken_for_a_conflict() {
 }
 
 // ------------------------------------------------------------ outages
+//
+// A stopped moto comes back empty, so after a restart the store creates
+// the table again (`create_table: true`); real DynamoDB keeps its tables
+// and data.
 
-/// Stop moto mid-test: requests fail within the timeout (fail_closed: 503
-/// without contacting the upstream); once it is back on the same port the
-/// next request succeeds without restarting the gateway. moto comes back
-/// empty, so the store creates the table again (`create_table: true`);
-/// real DynamoDB keeps its tables and data.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_answers_503_within_timeout_then_recovers() {
     let mut s = setup(private_fixture(TIMEOUT), |b| b).await;
-    let b = Browser::new(&s.gw);
-    b.patch("/", json!({"a": 1})).await;
-    assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));
-
-    server_mut(&mut s).stop();
-    let hits = s.up.hits();
-    for _ in 0..3 {
-        let started = Instant::now();
-        let r = b.get("/", &[]).await;
-        let took = started.elapsed();
-        assert_eq!(r.status, 503, "{}", r.text);
-        assert!(r.text.contains("session store unavailable"), "{}", r.text);
-        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
-    }
-    let r = Browser::new(&s.gw).patch("/", json!({"n": 1})).await;
-    assert_eq!(r.status, 503, "{}", r.text);
-    assert_eq!(r.session_cookie(), None);
-    assert_eq!(
-        s.up.hits(),
-        hits + 1,
-        "only the new visitor reached the app"
-    );
-
-    server_mut(&mut s).start_again();
-    let r = b.get("/", &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.session(), json!({}), "moto lost its data");
-    let r = b.patch("/", json!({"back": true})).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(b.get("/", &[]).await.session(), json!({"back": true}));
-    let fresh = Browser::new(&s.gw);
-    assert_eq!(fresh.patch("/", json!({"f": 1})).await.status, 200);
-    assert_eq!(fresh.get("/", &[]).await.session(), json!({"f": 1}));
+    outage::stopped_server_then_recovery(&mut s, TIMEOUT, process).await;
 }
 
-/// A frozen server (SIGSTOP: connections open, no answers) must not hold
-/// requests beyond `store.timeout`; after SIGCONT it carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_server_answers_503_within_timeout_then_recovers() {
-    let s = setup(private_fixture(TIMEOUT), |b| b).await;
-    let b = Browser::new(&s.gw);
-    b.patch("/", json!({"a": 1})).await;
-    let server = moto(&s).server.as_ref().unwrap();
+    let mut s = setup(private_fixture(TIMEOUT), |b| b).await;
+    outage::frozen_server_then_recovery(&mut s, TIMEOUT, process).await;
+}
 
-    server.pause();
-    for _ in 0..2 {
-        let started = Instant::now();
-        let r = b.get("/", &[]).await;
-        let took = started.elapsed();
-        assert_eq!(r.status, 503, "{}", r.text);
-        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
-        assert!(
-            took >= TIMEOUT - Duration::from_millis(50),
-            "503 after {took:?}: should have waited for store.timeout"
-        );
-    }
-    server.resume();
-    let r = b.get("/", &[]).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.session(), json!({"a": 1}), "the data survived the freeze");
-    assert_eq!(b.patch("/", json!({"b": 2})).await.status, 200);
-    assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1, "b": 2}));
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fail_open_during_outage_forwards_with_error_header() {
+    let mut s = setup(private_fixture(TIMEOUT), |b| {
+        b.session("on_store_error", "fail_open")
+    })
+    .await;
+    outage::stopped_server_fail_open(&mut s, TIMEOUT, process).await;
 }
 
 /// The server down when the gateway starts: the client is built on the
@@ -740,11 +691,11 @@ async fn frozen_server_answers_503_within_timeout_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn gateway_started_before_the_server_connects_later() {
     let mut s = setup(private_fixture(TIMEOUT), |b| b).await;
-    server_mut(&mut s).stop();
+    process(&mut s).stop();
     let b = Browser::new(&s.gw);
     let r = b.patch("/", json!({"a": 1})).await;
     assert_eq!(r.status, 503, "{}", r.text);
-    server_mut(&mut s).start_again();
+    process(&mut s).start_again();
     let r = b.patch("/", json!({"a": 1})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));

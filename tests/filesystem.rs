@@ -22,6 +22,7 @@ async fn fixture() -> StoreFixture {
 }
 
 store_suites!(fixture);
+sealed_suite!(fixture);
 persistence_suite!(fixture);
 
 fn sessions_dir(s: &common::protocol::Setup) -> std::path::PathBuf {
@@ -72,11 +73,7 @@ async fn load_failure_fail_closed_answers_503_without_upstream() {
         "fail_closed must not contact the upstream"
     );
     let id = r.header("x-request-id").unwrap();
-    assert!(s
-        .gw
-        .log()
-        .lines()
-        .any(|l| l.contains(&id) && l.contains("ERROR")));
+    s.gw.error_line_for(&id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -112,11 +109,7 @@ async fn write_failure_after_upstream_answers_503() {
     );
     assert_eq!(r.session_cookie(), None);
     let id = r.header("x-request-id").unwrap();
-    assert!(s
-        .gw
-        .log()
-        .lines()
-        .any(|l| l.contains(&id) && l.contains("ERROR")));
+    s.gw.error_line_for(&id);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,3 +9,4 @@ async fn fixture() -> StoreFixture {
 }
 
 store_suites!(fixture);
+sealed_suite!(fixture);

@@ -53,6 +53,7 @@ fn record(v: serde_json::Value) -> SessionRecord {
 }
 
 store_suites!(fixture);
+sealed_suite!(fixture);
 persistence_suite!(fixture);
 
 fn server(s: &Setup) -> &RedisServer {

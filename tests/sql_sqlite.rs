@@ -9,6 +9,7 @@ use common::gateway::KEY_A;
 use common::sql_server::run_cli_env;
 
 sql_suite!(Sqlite);
+sealed_suite!(fixture);
 
 fn check(store_yaml: &str, dir: &std::path::Path) -> (i32, String, String) {
     let path = dir.join("g.yaml");

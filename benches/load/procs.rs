@@ -1,6 +1,6 @@
 //! Child processes of the bench: the gateway under test (the same binary
 //! users run, built by `cargo bench`) and private store servers
-//! (`redis-server`, moto's `moto_server` for DynamoDB). Every
+//! (`redis-server`, `memcached`, moto's `moto_server` for DynamoDB). Every
 //! child is killed on drop and also when the bench process dies
 //! (`PR_SET_PDEATHSIG`), so an interrupted run leaves nothing behind.
 
@@ -165,61 +165,78 @@ pub fn start_gateway(config: &Path, dir: &Path, port: u16) -> Result<Proc, Strin
 /// A private `redis-server` on a free port in `dir`: nothing saved, no
 /// append-only file. Never the shared one on 6379.
 pub fn start_redis(dir: &Path) -> Result<Proc, String> {
-    let port = free_port();
-    let log = dir.join("redis.log");
-    let mut child = spawn(
-        Command::new("redis-server")
-            .args(["--port", &port.to_string()])
+    start_server("redis-server", dir, |port| {
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", ""])
             .args(["--appendonly", "no"])
             .args(["--protected-mode", "yes"])
             .arg("--dir")
-            .arg(dir)
-            .current_dir(dir),
-        &log,
-    )
-    .map_err(|e| {
-        format!("cannot run redis-server ({e}); install it (scripts/test does: apt-get install redis-server)")
+            .arg(dir);
+        cmd
+    })
+}
+
+/// A private `memcached` on a free port: one worker thread (like Redis),
+/// 256 MiB so no session is evicted during a run. Never a shared one on
+/// 11211.
+pub fn start_memcached(dir: &Path) -> Result<Proc, String> {
+    start_server("memcached", dir, |port| {
+        let mut cmd = Command::new("memcached");
+        // As root memcached insists on -u; `root` keeps our credentials
+        // and with them the parent-death signal.
+        if unsafe { libc::geteuid() } == 0 {
+            cmd.args(["-u", "root"]);
+        }
+        cmd.args(["-l", "127.0.0.1", "-p", &port.to_string()])
+            .args(["-U", "0", "-m", "256", "-t", "1"]);
+        cmd
+    })
+}
+
+/// A private `moto_server` (moto's DynamoDB stand-in, all state in its
+/// memory) on a free port, from the Python environment `./scripts/test`
+/// creates (`SGW_TEST_VENV`, default `target/test-venv`).
+pub fn start_moto(dir: &Path) -> Result<Proc, String> {
+    let venv = std::env::var_os("SGW_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    let bin = venv.join("bin/moto_server");
+    if !bin.exists() {
+        return Err(format!(
+            "no {}: ./scripts/test creates that environment (or set SGW_TEST_VENV)",
+            bin.display()
+        ));
+    }
+    start_server("moto_server", dir, |port| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+        cmd
+    })
+}
+
+/// Start the store server `program` (also its Debian package) as
+/// `command(port)` on a free port, logging to `dir/<program>.log`, and
+/// wait until it listens.
+fn start_server(
+    program: &str,
+    dir: &Path,
+    command: impl Fn(u16) -> Command,
+) -> Result<Proc, String> {
+    let port = free_port();
+    let log = dir.join(format!("{program}.log"));
+    let mut child = spawn(command(port).current_dir(dir), &log).map_err(|e| {
+        format!(
+            "cannot run {program} ({e}); install it (scripts/test does: apt-get install {program})"
+        )
     })?;
     match wait_listening(&mut child, port, Duration::from_secs(10)) {
         Ok(()) => Ok(Proc { child, port, log }),
         Err(e) => {
             let _ = child.kill();
             let _ = child.wait();
-            Err(format!("redis-server {e}:\n{}", tail(&log, 5)))
-        }
-    }
-}
-
-/// A private `moto_server` (moto's DynamoDB stand-in) on a free port, from
-/// the Python environment `./scripts/test` creates (`SGW_TEST_VENV`,
-/// default `target/test-venv`). State lives in its memory only.
-pub fn start_moto(dir: &Path) -> Result<Proc, String> {
-    let venv = std::env::var_os("SGW_TEST_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
-    let bin = venv.join("bin/moto_server");
-    let port = free_port();
-    let log = dir.join("moto.log");
-    let mut child = spawn(
-        Command::new(&bin)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .current_dir(dir),
-        &log,
-    )
-    .map_err(|e| {
-        format!(
-            "cannot run {} ({e}); ./scripts/test creates that environment (or set SGW_TEST_VENV)",
-            bin.display()
-        )
-    })?;
-    match wait_listening(&mut child, port, Duration::from_secs(30)) {
-        Ok(()) => Ok(Proc { child, port, log }),
-        Err(e) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("moto_server {e}:\n{}", tail(&log, 5)))
+            Err(format!("{program} {e}:\n{}", tail(&log, 5)))
         }
     }
 }

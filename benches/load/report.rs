@@ -40,7 +40,7 @@ pub struct Outcome {
     pub gateway_cpu_us_per_req: Option<f64>,
     /// Gateway CPU use in cores (1.0 = its proxy thread was saturated).
     pub gateway_cpu_cores: Option<f64>,
-    /// CPU per request of a private store server (redis-server), which
+    /// CPU per request of a private store server (redis-server, memcached), which
     /// shares the machine's CPUs with the gateway.
     #[serde(default)]
     pub store_cpu_us_per_req: Option<f64>,

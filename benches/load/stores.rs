@@ -1,18 +1,20 @@
 //! The stores the bench can run, and what each needs around it: a private
-//! `redis-server` or `moto_server` (a DynamoDB stand-in, so its numbers
-//! measure the gateway plus moto, not DynamoDB), a SQLite file, a unique
-//! table on the shared PostgreSQL and MariaDB servers (dropped at the end). `baseline` is the same gateway
+//! `redis-server`, `memcached` or `moto_server` (a DynamoDB stand-in, so
+//! its numbers measure the gateway plus moto, not DynamoDB), a SQLite file,
+//! a unique table on the shared PostgreSQL and MariaDB servers (dropped at
+//! the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
 //! is what every other store is compared with.
 
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     "baseline",
     "memory",
     "filesystem",
     "redis",
+    "memcached",
     "sqlite",
     "postgres",
     "mysql",
@@ -32,7 +34,7 @@ pub struct StoreEnv {
     pub sessions_off: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
-    /// The private store server (redis-server, moto_server), if any
+    /// The private store server (redis-server, memcached, moto_server), if any
     /// (killed on drop).
     pub server: Option<Proc>,
 }
@@ -54,6 +56,17 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         e.sql_table = Some((url.to_string(), table));
         e
     };
+    // A private server started in `dir/<name>`, and the YAML for its port.
+    let with_server = |start: fn(&Path) -> Result<Proc, String>, yaml: fn(u16) -> String| {
+        let server_dir = dir.join(name);
+        std::fs::create_dir_all(&server_dir).map_err(|e| e.to_string())?;
+        let server = start(&server_dir)?;
+        let yaml = yaml(server.port);
+        Ok(StoreEnv {
+            server: Some(server),
+            ..env(yaml)
+        })
+    };
     match name {
         "baseline" => Ok(StoreEnv {
             sessions_off: true,
@@ -62,16 +75,26 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         "memory" => Ok(env("{type: memory}".into())),
         // `dir` is relative to each gateway's own temporary directory.
         "filesystem" => Ok(env("{type: filesystem, dir: ./sessions}".into())),
-        "redis" => {
-            let redis_dir = dir.join("redis");
-            std::fs::create_dir_all(&redis_dir).map_err(|e| e.to_string())?;
-            let redis = procs::start_redis(&redis_dir)?;
-            let mut e = env(format!(
-                "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
-                redis.port
-            ));
-            e.server = Some(redis);
-            Ok(e)
+        "redis" => with_server(procs::start_redis, |port| {
+            format!("{{type: redis, url: \"redis://127.0.0.1:{port}\"}}")
+        }),
+        "memcached" => with_server(procs::start_memcached, |port| {
+            format!("{{type: memcached, servers: [127.0.0.1:{port}]}}")
+        }),
+        "dynamodb" => {
+            // moto takes any credentials; the gateways inherit these, and
+            // nothing asks instance metadata. Set from the bench's main
+            // thread before any gateway starts.
+            std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+            // A roomier timeout: moto is a Python server on the same CPUs.
+            with_server(procs::start_moto, |port| {
+                format!(
+                    "{{type: dynamodb, region: us-east-1, \
+                     endpoint_url: \"http://127.0.0.1:{port}\", timeout: 2s}}"
+                )
+            })
         }
         "sqlite" => {
             // An existing (empty) file is a valid database for any URL form.
@@ -79,25 +102,6 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
             std::fs::write(&file, b"").map_err(|e| e.to_string())?;
             let mut e = sql(&format!("sqlite://{}", file.display()));
             e.sql_table = None; // the file goes with the temp dir
-            Ok(e)
-        }
-        "dynamodb" => {
-            let moto_dir = dir.join("moto");
-            std::fs::create_dir_all(&moto_dir).map_err(|e| e.to_string())?;
-            let moto = procs::start_moto(&moto_dir)?;
-            // moto takes any credentials; the gateways inherit these, and
-            // nothing asks instance metadata. Set before any gateway runs,
-            // from the bench's main thread.
-            std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
-            std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
-            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
-            // A roomier timeout: moto is a Python server on the same CPUs.
-            let mut e = env(format!(
-                "{{type: dynamodb, table: sgw_bench_{run_id}, region: us-east-1, \
-                 endpoint_url: \"http://127.0.0.1:{}\", timeout: 2s}}",
-                moto.port
-            ));
-            e.server = Some(moto);
             Ok(e)
         }
         "postgres" => Ok(sql(POSTGRES_URL)),

@@ -68,6 +68,23 @@ impl HeaderNames {
     }
 }
 
+/// Does a header name belong to the protocol? Compared case-insensitively
+/// with `_` read as `-`, so `X_Session` counts too (some servers map it to
+/// the same variable as `X-Session`).
+pub fn is_protocol_header(name: &str, strip_prefix: &str) -> bool {
+    let name = name.as_bytes();
+    let prefix = strip_prefix.as_bytes();
+    name.len() >= prefix.len()
+        && name[..prefix.len()].iter().zip(prefix).all(|(&a, &b)| {
+            let a = if a == b'_' {
+                b'-'
+            } else {
+                a.to_ascii_lowercase()
+            };
+            a == b
+        })
+}
+
 #[derive(Clone, Debug)]
 pub struct SessionSettings {
     pub headers: HeaderNames,
@@ -82,10 +99,15 @@ pub struct SessionSettings {
     /// `session.exclude` as written (each starts with `/`); the proxy
     /// normalizes them for matching.
     pub exclude: Vec<String>,
+    /// Store keys hashed, values encrypted under the session id.
+    pub seal: bool,
 }
 
 #[derive(Clone, Debug)]
 pub struct StoreSettings {
+    /// The `store:` section as written (after `${VAR}` substitution), to
+    /// tell whether a reload changed it.
+    pub source: serde_yaml::Value,
     pub backend: StoreConfig,
     /// The whole budget of one store operation, retries included.
     pub timeout: Duration,
@@ -101,6 +123,8 @@ pub struct ServerSettings {
     pub grace_period: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_read_timeout: Option<Duration>,
+    /// Peers whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// The validated configuration the gateway runs on.
@@ -117,6 +141,23 @@ pub struct Config {
     pub store: StoreSettings,
     pub server: ServerSettings,
     pub log_level: String,
+    pub log_format: LogFormat,
+    /// One `access` log line per request.
+    pub access_log: bool,
+    /// The admin listener (`/healthz`, `/readyz`, `/metrics`); `None`: off.
+    pub admin: Option<AdminSettings>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    /// JSON lines, for log shippers.
+    Json,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdminSettings {
+    pub listen: String,
 }
 
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -160,4 +201,31 @@ pub(crate) fn resolve_addrs(key: &str, addrs: &[String]) -> Result<Vec<SocketAdd
         out.push(resolved);
     }
     Ok(out)
+}
+
+impl Config {
+    /// The keys that only take effect at start, which differ between `self`
+    /// (what runs) and `new` (a reloaded file).
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<&'static str> {
+        let mut changed = Vec::new();
+        if self.listen != new.listen {
+            changed.push("listen");
+        }
+        if self.admin != new.admin {
+            changed.push("admin");
+        }
+        if self.store.source != new.store.source {
+            changed.push("store");
+        }
+        if self.server.threads != new.server.threads {
+            changed.push("server.threads");
+        }
+        if self.server.grace_period != new.server.grace_period {
+            changed.push("server.grace_period");
+        }
+        if self.log_format != new.log_format {
+            changed.push("log_format");
+        }
+        changed
+    }
 }

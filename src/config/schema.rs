@@ -3,8 +3,9 @@
 //! what serde cannot and naming the key of every problem.
 
 use super::{
-    duration, resolve_addrs, Config, ConfigError, CookieSettings, HeaderNames, OnStoreError,
-    SameSite, ServerSettings, SessionSettings, StoreSettings, MIN_SECRET_BYTES,
+    duration, resolve_addrs, AdminSettings, Config, ConfigError, CookieSettings, HeaderNames,
+    LogFormat, OnStoreError, SameSite, ServerSettings, SessionSettings, StoreSettings,
+    MIN_SECRET_BYTES,
 };
 use crate::store::StoreContext;
 use crate::yaml::{deserialize_at, OneOrMany};
@@ -31,6 +32,26 @@ pub struct File {
     server: Server,
     #[serde(default = "default_log_level")]
     log_level: String,
+    #[serde(default = "default_true")]
+    access_log: bool,
+    #[serde(default = "default_log_format")]
+    log_format: String,
+    #[serde(default)]
+    admin: Option<Admin>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_log_format() -> String {
+    "text".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Admin {
+    listen: String,
 }
 
 fn default_log_level() -> String {
@@ -76,6 +97,7 @@ struct Session {
     max_bytes: usize,
     on_store_error: String,
     exclude: Vec<String>,
+    seal: bool,
 }
 
 impl Default for Session {
@@ -91,6 +113,7 @@ impl Default for Session {
             max_bytes: 8192,
             on_store_error: "fail_closed".into(),
             exclude: Vec::new(),
+            seal: false,
         }
     }
 }
@@ -105,6 +128,7 @@ struct Server {
     upstream_connect_timeout: Duration,
     #[serde(deserialize_with = "duration::deserialize_opt")]
     upstream_read_timeout: Option<Duration>,
+    trusted_proxies: Vec<String>,
 }
 
 impl Default for Server {
@@ -114,6 +138,7 @@ impl Default for Server {
             grace_period: Duration::from_secs(30),
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_read_timeout: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -148,6 +173,7 @@ fn is_token(s: &str) -> bool {
 }
 
 fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings, ConfigError> {
+    let source = value.clone();
     let Value::Mapping(mut map) = value else {
         return Err(ConfigError::new(
             "store",
@@ -179,10 +205,15 @@ fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings,
         retries: common.retries,
         cleanup_interval: common.cleanup_interval,
         key_prefix: session.key_prefix.clone(),
-        max_key_len: session.key_prefix.len() + (session.id_bytes * 4).div_ceil(3),
+        // A sealed key is the prefix and a base64url SHA-256 (43 chars).
+        max_key_len: session.key_prefix.len()
+            + (session.id_bytes * 4)
+                .div_ceil(3)
+                .max(if session.seal { 43 } else { 0 }),
     };
     let backend = crate::store::parse(&kind, Value::Mapping(map), &ctx)?;
     Ok(StoreSettings {
+        source,
         backend,
         timeout: common.timeout,
         retries: common.retries,
@@ -252,6 +283,17 @@ impl File {
         let server = self.server.validate()?;
         let store = parse_store(self.store, &session)?;
         let log_level = validate_log_level(self.log_level)?;
+        let log_format = match self.log_format.as_str() {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::new(
+                    "log_format",
+                    format!("`{other}`: expected text | json"),
+                ))
+            }
+        };
+        let admin = self.admin.map(|a| a.validate(&listen)).transpose()?;
         Ok(Config {
             listen,
             upstreams,
@@ -262,6 +304,31 @@ impl File {
             store,
             server,
             log_level,
+            log_format,
+            access_log: self.access_log,
+            admin,
+        })
+    }
+}
+
+impl Admin {
+    fn validate(self, proxy_listen: &[String]) -> Result<AdminSettings, ConfigError> {
+        let addr = resolve_addrs("admin.listen", std::slice::from_ref(&self.listen))?[0];
+        let clash = resolve_addrs("listen", proxy_listen)?.into_iter().any(|p| {
+            p.port() == addr.port()
+                && (p.ip() == addr.ip() || p.ip().is_unspecified() || addr.ip().is_unspecified())
+        });
+        if clash {
+            return Err(ConfigError::new(
+                "admin.listen",
+                format!(
+                    "`{}` is also a proxy address; the admin endpoints need a listener of their own",
+                    self.listen
+                ),
+            ));
+        }
+        Ok(AdminSettings {
+            listen: self.listen,
         })
     }
 }
@@ -373,6 +440,7 @@ impl Cookie {
                 "`none` requires `cookie.secure: true` (browsers drop SameSite=None cookies without Secure)",
             ));
         }
+        self.check_name_prefix()?;
         Ok(CookieSettings {
             name: self.name,
             domain: self.domain,
@@ -384,14 +452,89 @@ impl Cookie {
     }
 }
 
-impl Session {
-    fn validate(self) -> Result<SessionSettings, ConfigError> {
-        if !is_token(&self.header) {
+impl Cookie {
+    /// Browsers silently drop `__Host-`/`__Secure-` cookies that break the
+    /// prefix's rules (matched case-insensitively, as RFC 6265bis does), so
+    /// sessions would never stick: refuse such a config.
+    fn check_name_prefix(&self) -> Result<(), ConfigError> {
+        let lower = self.name.to_ascii_lowercase();
+        let host = lower.starts_with("__host-");
+        if (host || lower.starts_with("__secure-")) && !self.secure {
             return Err(ConfigError::new(
-                "session.header",
-                format!("`{}` is not a valid header name", self.header),
+                "cookie.secure",
+                format!(
+                    "cookie `{}` needs `secure: true`: browsers drop {} cookies without Secure",
+                    self.name,
+                    if host { "__Host-" } else { "__Secure-" }
+                ),
             ));
         }
+        if host && self.domain.is_some() {
+            return Err(ConfigError::new(
+                "cookie.domain",
+                format!(
+                    "cookie `{}` must not have a domain: browsers drop __Host- cookies with one",
+                    self.name
+                ),
+            ));
+        }
+        if host && self.path != "/" {
+            return Err(ConfigError::new(
+                "cookie.path",
+                format!(
+                    "cookie `{}` needs `path: /`: browsers drop __Host- cookies with another path",
+                    self.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Headers the gateway itself adds to requests; `session.header` strips
+/// every header it is a prefix of, so it must not cover these.
+const GATEWAY_HEADERS: [&str; 4] = [
+    "X-Forwarded-For",
+    "X-Forwarded-Proto",
+    "X-Forwarded-Host",
+    "X-Request-Id",
+];
+
+fn check_protocol_header(header: &str) -> Result<(), ConfigError> {
+    if !is_token(header) {
+        return Err(ConfigError::new(
+            "session.header",
+            format!("`{header}` is not a valid header name"),
+        ));
+    }
+    // Every header starting with it is stripped from requests and
+    // responses: `Content` would take Content-Type and Content-Length.
+    if header.len() < 3 || !header[..2].eq_ignore_ascii_case("x-") {
+        return Err(ConfigError::new(
+            "session.header",
+            format!(
+                "`{header}` must start with `X-` and name something after it (e.g. X-Session): every header it is a prefix of is stripped"
+            ),
+        ));
+    }
+    let prefix = HeaderNames::new(header).strip_prefix;
+    if let Some(clash) = GATEWAY_HEADERS
+        .iter()
+        .find(|h| super::is_protocol_header(h, &prefix))
+    {
+        return Err(ConfigError::new(
+            "session.header",
+            format!(
+                "`{header}` is a prefix of {clash}, which the gateway adds to every request; choose another name"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl Session {
+    fn validate(self) -> Result<SessionSettings, ConfigError> {
+        check_protocol_header(&self.header)?;
         if self.lifetime < Duration::from_secs(1) {
             return Err(ConfigError::new("session.lifetime", "must be at least 1s"));
         }
@@ -452,6 +595,7 @@ impl Session {
             max_bytes: self.max_bytes,
             on_store_error,
             exclude: self.exclude,
+            seal: self.seal,
         })
     }
 }
@@ -464,11 +608,25 @@ impl Server {
         if threads == 0 {
             return Err(ConfigError::new("server.threads", "must be at least 1"));
         }
+        let mut trusted_proxies = Vec::new();
+        for (i, text) in self.trusted_proxies.iter().enumerate() {
+            let net = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::new(
+                        format!("server.trusted_proxies[{i}]"),
+                        format!("`{text}` is not an IP address or CIDR range (e.g. 10.0.0.0/8, 192.0.2.7, fd00::/8)"),
+                    )
+                })?;
+            trusted_proxies.push(net.trunc());
+        }
         Ok(ServerSettings {
             threads,
             grace_period: self.grace_period,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_read_timeout: self.upstream_read_timeout,
+            trusted_proxies,
         })
     }
 }

@@ -7,16 +7,40 @@
 use super::cookies::{self, Found};
 use super::protocol::{Directives, RawDirectives};
 use crate::config::{Config, CookieSettings, OnStoreError, SessionSettings};
+use crate::metrics::{self, Op, Outcome, SessionEvent};
 use crate::session::{
-    merge_patch, CookieVerifier, SessionId, SessionRecord, SessionStore, StoreError, StoredSession,
-    Update, UpdateOutcome,
+    merge_patch, seal, CookieVerifier, SessionId, SessionRecord, SessionStore, StoreError,
+    StoredSession, Update, UpdateOutcome,
 };
 use crate::store::StoreHandle;
 use bytes::Bytes;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
+
+/// What the engine knows and records about one request: its id (in every
+/// log line) and the time it spent waiting for the store (access log).
+#[derive(Debug, Default)]
+pub struct RequestInfo {
+    pub id: String,
+    store_nanos: AtomicU64,
+}
+
+impl RequestInfo {
+    pub fn new(id: String) -> Self {
+        RequestInfo {
+            id,
+            store_nanos: AtomicU64::new(0),
+        }
+    }
+
+    /// Total time of this request's store operations.
+    pub fn store_time(&self) -> Duration {
+        Duration::from_nanos(self.store_nanos.load(Ordering::Relaxed))
+    }
+}
 
 /// The session of one request, as found when the request arrived.
 #[derive(Debug)]
@@ -31,8 +55,14 @@ pub enum SessionState {
     /// A live session loaded from the store.
     Existing {
         id: SessionId,
+        /// Its store key (sealed or plain form).
+        key: String,
         stored: StoredSession,
         expires_at: SystemTime,
+        /// Stored larger than `session.max_bytes` allows (written before
+        /// the limit was lowered): the upstream gets `{}` and
+        /// `X-Session-Error: too-large`, so it can reset or trim it.
+        too_large: bool,
     },
     /// The store failed and `on_store_error: fail_open` let the request
     /// through without a session; nothing is written back.
@@ -45,8 +75,23 @@ impl SessionState {
     pub fn header_value(&self) -> Option<Bytes> {
         match self {
             SessionState::Excluded => None,
-            SessionState::Existing { stored, .. } => Some(stored.header()),
+            SessionState::Existing {
+                stored,
+                too_large: false,
+                ..
+            } => Some(stored.header()),
             _ => Some(Bytes::from_static(b"{}")),
+        }
+    }
+
+    /// The `X-Session-Error` value for the upstream, if any.
+    pub fn error_value(&self) -> Option<&'static str> {
+        match self {
+            SessionState::Unavailable => Some("store-unavailable"),
+            SessionState::Existing {
+                too_large: true, ..
+            } => Some("too-large"),
+            _ => None,
         }
     }
 }
@@ -79,6 +124,8 @@ pub struct CommitResult {
     pub set_cookie: Option<String>,
     /// Add `Vary: Cookie` (the request had a session or got a cookie).
     pub vary_cookie: bool,
+    /// A new session was created by this request.
+    pub created: bool,
 }
 
 /// Shared, immutable per-process state of the session logic.
@@ -87,13 +134,15 @@ pub struct SessionEngine {
     pub cookie: CookieSettings,
     verifier: CookieVerifier,
     set_cookie: cookies::SetCookieCache,
-    store: StoreHandle,
+    store: Arc<StoreHandle>,
     timeout: Duration,
     retries: u32,
+    /// `session.seal`: hashed keys, values encrypted under the id.
+    seal: bool,
 }
 
 impl SessionEngine {
-    pub fn new(config: &Config, store: StoreHandle) -> Self {
+    pub fn new(config: &Config, store: Arc<StoreHandle>) -> Self {
         SessionEngine {
             session: config.session.clone(),
             cookie: config.cookie.clone(),
@@ -102,17 +151,82 @@ impl SessionEngine {
             store,
             timeout: config.store.timeout,
             retries: config.store.retries,
+            seal: config.session.seal,
         }
     }
 
-    fn key(&self, id: &SessionId) -> String {
-        id.store_key(&self.session.key_prefix)
+    /// The store key of a session in the sealed or the plain form.
+    fn key(&self, id: &SessionId, sealed: bool) -> String {
+        if sealed {
+            seal::store_key(&self.session.key_prefix, id)
+        } else {
+            id.store_key(&self.session.key_prefix)
+        }
+    }
+
+    /// What to store for a stored form (`plain`) of `id` under `key`.
+    fn encode(&self, id: &SessionId, key: &str, sealed: bool, plain: Bytes) -> Bytes {
+        if sealed {
+            seal::seal(&plain, id, key)
+        } else {
+            plain
+        }
+    }
+
+    /// The stored form of what a store holds for `id` under `key`.
+    fn decode(
+        &self,
+        id: &SessionId,
+        key: &str,
+        sealed: bool,
+        value: Bytes,
+    ) -> Result<StoredSession, String> {
+        if sealed {
+            StoredSession::decode(Bytes::from(seal::open(&value, id, key)?))
+        } else {
+            StoredSession::decode(value)
+        }
     }
 
     /// Run one store operation within `store.timeout` (the whole budget,
-    /// retries included). Fast failures (connection refused) are retried
-    /// with backoff when `retry` is set and the operation is idempotent.
-    async fn call<T, F, Fut>(&self, retry: bool, mut op: F) -> Result<T, StoreError>
+    /// retries included), counted in the metrics and the request's store
+    /// time. Fast failures (connection refused) are retried with backoff
+    /// when `retry` is set and the operation is idempotent. `classify`
+    /// names the outcome of a successful call.
+    async fn call<T, F, Fut>(
+        &self,
+        rq: &RequestInfo,
+        kind: Op,
+        retry: bool,
+        classify: fn(&T) -> Outcome,
+        op: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(Arc<dyn SessionStore>) -> Fut,
+        Fut: Future<Output = Result<T, StoreError>>,
+    {
+        let started = Instant::now();
+        let (result, timed_out) = self.call_within_budget(retry, op).await;
+        let took = started.elapsed();
+        rq.store_nanos
+            .fetch_add(took.as_nanos() as u64, Ordering::Relaxed);
+        let outcome = match &result {
+            Ok(v) => classify(v),
+            Err(_) if timed_out => Outcome::Timeout,
+            Err(StoreError::Rejected(_)) => Outcome::Rejected,
+            Err(_) => Outcome::Error,
+        };
+        metrics::get().store_op(kind, outcome, took);
+        result
+    }
+
+    /// [`Self::call`] without the bookkeeping; also says whether the
+    /// budget ran out.
+    async fn call_within_budget<T, F, Fut>(
+        &self,
+        retry: bool,
+        mut op: F,
+    ) -> (Result<T, StoreError>, bool)
     where
         F: FnMut(Arc<dyn SessionStore>) -> Fut,
         Fut: Future<Output = Result<T, StoreError>>,
@@ -127,21 +241,19 @@ impl SessionEngine {
             .await;
             match result {
                 Err(_) => {
-                    return Err(StoreError::Unavailable(format!(
-                        "no answer within store.timeout ({:?})",
-                        self.timeout
-                    )))
+                    let msg = format!("no answer within store.timeout ({:?})", self.timeout);
+                    return (Err(StoreError::Unavailable(msg)), true);
                 }
                 Ok(Err(StoreError::Unavailable(msg))) if retry && attempt < self.retries => {
                     attempt += 1;
                     let backoff = Duration::from_millis(10u64 << attempt.min(6));
                     if Instant::now() + backoff >= deadline {
-                        return Err(StoreError::Unavailable(msg));
+                        return (Err(StoreError::Unavailable(msg)), false);
                     }
                     tracing::debug!(attempt, error = %msg, "store call failed, retrying");
                     tokio::time::sleep(backoff).await;
                 }
-                Ok(other) => return other,
+                Ok(other) => return (other, false),
             }
         }
     }
@@ -152,7 +264,7 @@ impl SessionEngine {
         &self,
         excluded: bool,
         cookie: Found,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<SessionState, Failure> {
         if excluded {
             return Ok(SessionState::Excluded);
@@ -161,64 +273,141 @@ impl SessionEngine {
             return Ok(SessionState::Disabled);
         }
         let cookie_present = cookie.is_present();
-        let Some(id) = self.verify(cookie, request_id) else {
+        let Some(id) = self.verify(cookie, rq) else {
             return Ok(SessionState::Fresh { cookie_present });
         };
-        let key = self.key(&id);
-        let loaded = self
-            .call(true, |s| {
-                let key = &key;
-                async move { s.load(key).await }
-            })
-            .await;
-        match loaded {
-            Ok(Some(loaded)) => match StoredSession::decode(loaded.value) {
-                Ok(stored) => Ok(SessionState::Existing {
-                    id,
-                    stored,
-                    expires_at: loaded.expires_at,
-                }),
-                Err(e) => {
-                    tracing::warn!(request_id, error = %e, "ignoring an unreadable stored session; starting fresh");
-                    Ok(SessionState::Fresh { cookie_present })
+        let key = self.key(&id, self.seal);
+        match self.find(&id, &key, rq).await {
+            Ok(Some((stored, expires_at))) => {
+                let too_large = stored.header_len() > self.session.max_bytes;
+                if too_large {
+                    tracing::warn!(
+                        request_id = %rq.id,
+                        bytes = stored.header_len(),
+                        "stored session is larger than session.max_bytes; \
+                         forwarding {{}} with X-Session-Error: too-large"
+                    );
                 }
-            },
+                Ok(SessionState::Existing {
+                    id,
+                    key,
+                    stored,
+                    expires_at,
+                    too_large,
+                })
+            }
             Ok(None) => {
+                metrics::get().session(SessionEvent::Expired);
                 tracing::debug!(
-                    request_id,
+                    request_id = %rq.id,
                     "session not in store (expired or destroyed); starting fresh"
                 );
                 Ok(SessionState::Fresh { cookie_present })
             }
             Err(e) => match self.session.on_store_error {
                 OnStoreError::FailClosed => {
-                    tracing::error!(request_id, error = %e, "session load failed; answering 503 (fail_closed)");
+                    tracing::error!(request_id = %rq.id, error = %e, "session load failed; answering 503 (fail_closed)");
                     Err(Failure::store_unavailable())
                 }
                 OnStoreError::FailOpen => {
-                    tracing::warn!(request_id, error = %e, "session load failed; forwarding without session (fail_open)");
+                    tracing::warn!(request_id = %rq.id, error = %e, "session load failed; forwarding without session (fail_open)");
                     Ok(SessionState::Unavailable)
                 }
             },
         }
     }
 
+    /// The live session of `id` under `key` (the configured form). A
+    /// session still kept in the other form (stored before `session.seal`
+    /// was switched) is moved to this one on the way: created here, then
+    /// deleted there, so no one is logged out by the switch.
+    async fn find(
+        &self,
+        id: &SessionId,
+        key: &str,
+        rq: &RequestInfo,
+    ) -> Result<Option<(StoredSession, SystemTime)>, StoreError> {
+        if let Some(found) = self.load_form(id, key, self.seal, rq).await? {
+            return Ok(Some(found));
+        }
+        let old_key = self.key(id, !self.seal);
+        let Some((stored, _)) = self.load_form(id, &old_key, !self.seal, rq).await? else {
+            return Ok(None);
+        };
+        let value = self.encode(id, key, self.seal, stored.bytes().clone());
+        let created = self
+            .call(rq, Op::Create, false, written_or_conflict, |s| {
+                let value = &value;
+                async move { s.create(key, value, self.session.lifetime).await }
+            })
+            .await?;
+        if !created {
+            // Another request moved it first.
+            return self.load_form(id, key, self.seal, rq).await;
+        }
+        self.call(
+            rq,
+            Op::Delete,
+            true,
+            |_| Outcome::Ok,
+            |s| {
+                let old_key = &old_key;
+                async move { s.delete(old_key).await }
+            },
+        )
+        .await?;
+        tracing::info!(
+            request_id = %rq.id,
+            "session moved to the {} form (session.seal changed)",
+            if self.seal { "sealed" } else { "plain" }
+        );
+        Ok(Some((stored, SystemTime::now() + self.session.lifetime)))
+    }
+
+    /// Load and decode one form; unreadable data counts as missing (logged):
+    /// corrupt data must not lock a user out.
+    async fn load_form(
+        &self,
+        id: &SessionId,
+        key: &str,
+        sealed: bool,
+        rq: &RequestInfo,
+    ) -> Result<Option<(StoredSession, SystemTime)>, StoreError> {
+        let loaded = self
+            .call(rq, Op::Load, true, found_or_missing, |s| async move {
+                s.load(key).await
+            })
+            .await?;
+        let Some(loaded) = loaded else {
+            return Ok(None);
+        };
+        match self.decode(id, key, sealed, loaded.value) {
+            Ok(stored) => Ok(Some((stored, loaded.expires_at))),
+            Err(e) => {
+                tracing::warn!(request_id = %rq.id, error = %e, "ignoring an unreadable stored session");
+                Ok(None)
+            }
+        }
+    }
+
     /// The session id of a verified cookie, if any.
-    fn verify(&self, cookie: Found, request_id: &str) -> Option<SessionId> {
+    fn verify(&self, cookie: Found, rq: &RequestInfo) -> Option<SessionId> {
         let id = match cookie {
             Found::One(value) => self.verifier.verify(&value),
             Found::Absent => return None,
             Found::Duplicated => {
+                metrics::get().session(SessionEvent::InvalidCookie);
                 tracing::debug!(
-                    request_id,
+                    request_id = %rq.id,
                     "several session cookies; treating as no session"
                 );
                 return None;
             }
         };
         if id.is_none() {
+            metrics::get().session(SessionEvent::InvalidCookie);
             tracing::debug!(
-                request_id,
+                request_id = %rq.id,
                 "session cookie did not verify; starting a fresh session"
             );
         }
@@ -235,17 +424,18 @@ impl SessionEngine {
         CommitResult {
             set_cookie: Some(cookies::expire_cookie(&self.cookie)),
             vary_cookie: true,
+            created: false,
         }
     }
 
-    fn store_failure(&self, request_id: &str, what: &str, e: StoreError) -> Failure {
+    fn store_failure(&self, rq: &RequestInfo, what: &str, e: StoreError) -> Failure {
         match e {
             StoreError::Rejected(msg) => {
-                tracing::error!(request_id, error = %msg, "upstream session update refused");
+                tracing::error!(request_id = %rq.id, error = %msg, "upstream session update refused");
                 Failure::bad_upstream(msg)
             }
             e => {
-                tracing::error!(request_id, error = %e, "session {what} failed after the upstream answered; answering 503");
+                tracing::error!(request_id = %rq.id, error = %e, "session {what} failed after the upstream answered; answering 503");
                 Failure::store_unavailable()
             }
         }
@@ -256,12 +446,12 @@ impl SessionEngine {
         &self,
         state: &SessionState,
         raw: &RawDirectives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         if let SessionState::Excluded = state {
             if raw.any {
                 tracing::warn!(
-                    request_id,
+                    request_id = %rq.id,
                     "upstream sent session headers on an excluded path; ignored"
                 );
             }
@@ -270,7 +460,7 @@ impl SessionEngine {
         let directives = raw
             .parse(&self.session.headers, self.session.max_bytes)
             .map_err(|e| {
-                tracing::error!(request_id, error = %e.0, "invalid session update from upstream; answering 502");
+                tracing::error!(request_id = %rq.id, error = %e.0, "invalid session update from upstream; answering 502");
                 Failure::bad_upstream(e.0)
             })?;
         match state {
@@ -280,7 +470,7 @@ impl SessionEngine {
                     Ok(CommitResult::default())
                 } else {
                     tracing::error!(
-                        request_id,
+                        request_id = %rq.id,
                         "upstream tried to change a session but store.type is null; answering 502"
                     );
                     Err(Failure::bad_upstream(
@@ -291,22 +481,23 @@ impl SessionEngine {
             SessionState::Unavailable => {
                 if !directives.is_empty() {
                     tracing::warn!(
-                        request_id,
+                        request_id = %rq.id,
                         "session store unavailable (fail_open): upstream's session update dropped"
                     );
                 }
                 Ok(CommitResult::default())
             }
             SessionState::Fresh { cookie_present } => {
-                self.commit_fresh(*cookie_present, &directives, request_id)
-                    .await
+                self.commit_fresh(*cookie_present, &directives, rq).await
             }
             SessionState::Existing {
                 id,
+                key,
                 stored,
                 expires_at,
+                ..
             } => {
-                self.commit_existing(id, stored, *expires_at, &directives, request_id)
+                self.commit_existing(id, key, stored, *expires_at, &directives, rq)
                     .await
             }
         }
@@ -339,11 +530,26 @@ impl SessionEngine {
         Ok(Update::Write(value))
     }
 
-    /// [`Self::apply`] to a stored value, as a store's update step: a value
-    /// that does not decode is treated as no session.
-    fn apply_stored(&self, current: &[u8], d: &Directives) -> Result<Update, String> {
-        match SessionRecord::from_stored(current) {
-            Ok(record) => self.apply(record, d),
+    /// [`Self::apply`] to a stored value of `id` under `key`, as a store's
+    /// update step: a value that does not decode (or decrypt) is treated
+    /// as no session.
+    fn apply_stored(
+        &self,
+        id: &SessionId,
+        key: &str,
+        current: &[u8],
+        d: &Directives,
+    ) -> Result<Update, String> {
+        let plain = if self.seal {
+            seal::open(current, id, key).map(std::borrow::Cow::Owned)
+        } else {
+            Ok(std::borrow::Cow::Borrowed(current))
+        };
+        match plain.and_then(|p| SessionRecord::from_stored(&p)) {
+            Ok(record) => Ok(match self.apply(record, d)? {
+                Update::Write(value) => Update::Write(self.encode(id, key, self.seal, value)),
+                other => other,
+            }),
             Err(e) => {
                 tracing::warn!(error = %e, "stored session unreadable during an update; treating it as gone");
                 Ok(Update::Unreadable)
@@ -351,88 +557,96 @@ impl SessionEngine {
         }
     }
 
-    /// Store `value` under a new random id. A client-chosen id is never
-    /// adopted; the loop only guards against an (astronomically unlikely)
-    /// collision with a live session.
+    /// Store the stored form `plain` under a new random id (sealed for it
+    /// when `session.seal` is on). A client-chosen id is never adopted; the
+    /// loop only guards against an (astronomically unlikely) collision with
+    /// a live session.
     async fn create_with_new_id(
         &self,
-        value: &Bytes,
-        request_id: &str,
+        plain: &Bytes,
+        rq: &RequestInfo,
         what: &str,
     ) -> Result<SessionId, Failure> {
         for _ in 0..3 {
             let id = SessionId::generate(self.session.id_bytes);
-            let key = self.key(&id);
+            let key = self.key(&id, self.seal);
+            let value = &self.encode(&id, &key, self.seal, plain.clone());
             let created = self
-                .call(false, |s| {
+                .call(rq, Op::Create, false, written_or_conflict, |s| {
                     let key = &key;
                     async move { s.create(key, value, self.session.lifetime).await }
                 })
                 .await
-                .map_err(|e| self.store_failure(request_id, what, e))?;
+                .map_err(|e| self.store_failure(rq, what, e))?;
             if created {
                 return Ok(id);
             }
         }
         Err(self.store_failure(
-            request_id,
+            rq,
             what,
             StoreError::backend("could not find a free session id"),
         ))
     }
 
-    async fn delete(&self, key: &str, request_id: &str, what: &str) -> Result<(), Failure> {
-        self.call(true, |s| async move { s.delete(key).await })
-            .await
-            .map_err(|e| self.store_failure(request_id, what, e))
+    async fn delete(&self, key: &str, rq: &RequestInfo, what: &str) -> Result<(), Failure> {
+        self.call(
+            rq,
+            Op::Delete,
+            true,
+            |_| Outcome::Ok,
+            |s| async move { s.delete(key).await },
+        )
+        .await
+        .map_err(|e| self.store_failure(rq, what, e))
     }
 
     async fn commit_fresh(
         &self,
         cookie_present: bool,
         d: &Directives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         if d.destroy {
             return Ok(CommitResult {
                 set_cookie: cookie_present.then(|| cookies::expire_cookie(&self.cookie)),
                 vary_cookie: cookie_present,
+                created: false,
             });
         }
         let value = match self.apply(SessionRecord::new(self.session.permanent), d) {
             Ok(Update::Write(value)) => value,
             // Still empty: lazy, nothing stored, no cookie.
             Ok(_) => return Ok(CommitResult::default()),
-            Err(msg) => {
-                return Err(self.store_failure(request_id, "write", StoreError::Rejected(msg)))
-            }
+            Err(msg) => return Err(self.store_failure(rq, "write", StoreError::Rejected(msg))),
         };
-        let id = self
-            .create_with_new_id(&value, request_id, "create")
-            .await?;
-        tracing::debug!(request_id, "new session created");
+        let id = self.create_with_new_id(&value, rq, "create").await?;
+        tracing::debug!(request_id = %rq.id, "new session created");
+        metrics::get().session(SessionEvent::Created);
         Ok(CommitResult {
             set_cookie: Some(self.cookie_for(&id, value[0] == b'P')),
             vary_cookie: true,
+            created: true,
         })
     }
 
     async fn commit_existing(
         &self,
         id: &SessionId,
+        key: &str,
         stored: &StoredSession,
         expires_at: SystemTime,
         d: &Directives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
-        let key = self.key(id);
         if d.destroy {
-            self.delete(&key, request_id, "delete").await?;
-            tracing::debug!(request_id, "session destroyed");
+            self.delete(key, rq, "delete").await?;
+            tracing::debug!(request_id = %rq.id, "session destroyed");
+            metrics::get().session(SessionEvent::Destroyed);
             return Ok(self.gone());
         }
         let written = if d.modifies_record() {
-            match self.update(&key, d, request_id).await? {
+            match self.update(id, key, d, rq).await? {
                 Some(written) => Some(written),
                 None => return Ok(self.gone()),
             }
@@ -441,19 +655,21 @@ impl SessionEngine {
         };
         let current = written.as_ref().unwrap_or(stored);
         if d.regenerate {
-            let new_id = self.regenerate(&key, current.bytes(), request_id).await?;
+            let new_id = self.regenerate(key, current.bytes(), rq).await?;
             return Ok(CommitResult {
                 set_cookie: Some(self.cookie_for(&new_id, current.permanent())),
                 vary_cookie: true,
+                created: false,
             });
         }
         if written.is_some() {
             return Ok(CommitResult {
                 set_cookie: Some(self.cookie_for(id, current.permanent())),
                 vary_cookie: true,
+                created: false,
             });
         }
-        self.refresh(id, &key, stored.permanent(), expires_at, request_id)
+        self.refresh(id, key, stored.permanent(), expires_at, rq)
             .await
     }
 
@@ -463,26 +679,31 @@ impl SessionEngine {
     /// (logout wins).
     async fn update(
         &self,
+        id: &SessionId,
         key: &str,
         d: &Directives,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<Option<StoredSession>, Failure> {
-        let f = |current: &[u8]| self.apply_stored(current, d);
+        let f = |current: &[u8]| self.apply_stored(id, key, current, d);
         let outcome = self
-            .call(true, |s| {
+            .call(rq, Op::Update, true, updated_or_missing, |s| {
                 let f = &f;
                 async move { s.update(key, self.session.lifetime, f).await }
             })
             .await
-            .map_err(|e| self.store_failure(request_id, "update", e))?;
+            .map_err(|e| self.store_failure(rq, "update", e))?;
         match outcome {
-            UpdateOutcome::Written(value) => StoredSession::decode(value)
+            UpdateOutcome::Written(value) => self
+                .decode(id, key, self.seal, value)
                 .map(Some)
-                .map_err(|e| self.store_failure(request_id, "update", StoreError::backend(e))),
-            UpdateOutcome::Deleted => Ok(None),
+                .map_err(|e| self.store_failure(rq, "update", StoreError::backend(e))),
+            UpdateOutcome::Deleted => {
+                metrics::get().session(SessionEvent::Destroyed);
+                Ok(None)
+            }
             UpdateOutcome::Missing => {
                 tracing::info!(
-                    request_id,
+                    request_id = %rq.id,
                     "session vanished during the request; upstream's update dropped"
                 );
                 Ok(None)
@@ -497,13 +718,12 @@ impl SessionEngine {
         &self,
         old_key: &str,
         value: &Bytes,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<SessionId, Failure> {
-        let new_id = self
-            .create_with_new_id(value, request_id, "regenerate")
-            .await?;
-        self.delete(old_key, request_id, "regenerate").await?;
-        tracing::debug!(request_id, "session id regenerated");
+        let new_id = self.create_with_new_id(value, rq, "regenerate").await?;
+        self.delete(old_key, rq, "regenerate").await?;
+        tracing::debug!(request_id = %rq.id, "session id regenerated");
+        metrics::get().session(SessionEvent::Regenerated);
         Ok(new_id)
     }
 
@@ -516,17 +736,18 @@ impl SessionEngine {
         key: &str,
         permanent: bool,
         expires_at: SystemTime,
-        request_id: &str,
+        rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
         if !(self.session.refresh_each_request && permanent) {
             return Ok(CommitResult {
                 set_cookie: None,
                 vary_cookie: true,
+                created: false,
             });
         }
         if self.needs_touch(expires_at) {
             let touched = self
-                .call(true, |s| async move {
+                .call(rq, Op::Touch, true, written_or_missing, |s| async move {
                     s.touch(key, self.session.lifetime).await
                 })
                 .await;
@@ -534,14 +755,15 @@ impl SessionEngine {
                 Ok(true) => {}
                 Ok(false) => return Ok(self.gone()),
                 Err(e) if self.session.on_store_error == OnStoreError::FailOpen => {
-                    tracing::warn!(request_id, error = %e, "could not extend session expiry (fail_open: continuing)");
+                    tracing::warn!(request_id = %rq.id, error = %e, "could not extend session expiry (fail_open: continuing)");
                 }
-                Err(e) => return Err(self.store_failure(request_id, "refresh", e)),
+                Err(e) => return Err(self.store_failure(rq, "refresh", e)),
             }
         }
         Ok(CommitResult {
             set_cookie: Some(self.cookie_for(id, true)),
             vary_cookie: true,
+            created: false,
         })
     }
 
@@ -553,6 +775,39 @@ impl SessionEngine {
             .unwrap_or(Duration::ZERO);
         let since_extended = self.session.lifetime.saturating_sub(remaining);
         since_extended >= self.session.expiry_update_interval
+    }
+}
+
+fn found_or_missing<T>(v: &Option<T>) -> Outcome {
+    if v.is_some() {
+        Outcome::Ok
+    } else {
+        Outcome::Missing
+    }
+}
+
+/// `create`: `false` means a live entry holds the id.
+fn written_or_conflict(created: &bool) -> Outcome {
+    if *created {
+        Outcome::Ok
+    } else {
+        Outcome::Conflict
+    }
+}
+
+/// `touch`: `false` means there was no live entry.
+fn written_or_missing(touched: &bool) -> Outcome {
+    if *touched {
+        Outcome::Ok
+    } else {
+        Outcome::Missing
+    }
+}
+
+fn updated_or_missing(outcome: &UpdateOutcome) -> Outcome {
+    match outcome {
+        UpdateOutcome::Missing => Outcome::Missing,
+        _ => Outcome::Ok,
     }
 }
 
@@ -572,7 +827,11 @@ store: {type: memory}
     fn engine() -> SessionEngine {
         let config = Config::from_yaml(YAML).unwrap();
         let store = StoreHandle::new(&config.store.backend).unwrap();
-        SessionEngine::new(&config, store)
+        SessionEngine::new(&config, Arc::new(store))
+    }
+
+    fn rq() -> RequestInfo {
+        RequestInfo::new("t".into())
     }
 
     fn raw(headers: &[(&str, &str)]) -> RawDirectives {
@@ -597,12 +856,12 @@ store: {type: memory}
     #[tokio::test]
     async fn fresh_session_is_lazy_and_created_on_first_write() {
         let e = engine();
-        let state = e.load(false, Found::Absent, "t").await.unwrap();
+        let state = e.load(false, Found::Absent, &rq()).await.unwrap();
         assert_eq!(state.header_value().as_deref(), Some(&b"{}"[..]));
-        let nothing = e.commit(&state, &raw(&[]), "t").await.unwrap();
+        let nothing = e.commit(&state, &raw(&[]), &rq()).await.unwrap();
         assert_eq!(nothing, CommitResult::default());
         let created = e
-            .commit(&state, &raw(&[("x-session-patch", r#"{"a":1}"#)]), "t")
+            .commit(&state, &raw(&[("x-session-patch", r#"{"a":1}"#)]), &rq())
             .await
             .unwrap();
         let cookie = created.set_cookie.unwrap();
@@ -613,7 +872,7 @@ store: {type: memory}
             .strip_prefix("session=")
             .unwrap();
         let state = e
-            .load(false, Found::One(value.to_string()), "t")
+            .load(false, Found::One(value.to_string()), &rq())
             .await
             .unwrap();
         assert_eq!(state.header_value().as_deref(), Some(&br#"{"a":1}"#[..]));
@@ -622,12 +881,12 @@ store: {type: memory}
     #[tokio::test]
     async fn excluded_and_null_paths() {
         let e = engine();
-        let state = e.load(true, Found::One("x".into()), "t").await.unwrap();
+        let state = e.load(true, Found::One("x".into()), &rq()).await.unwrap();
         assert!(matches!(state, SessionState::Excluded));
         assert_eq!(state.header_value(), None);
         // Updates on excluded paths are ignored, not errors.
         let r = e
-            .commit(&state, &raw(&[("x-session", "garbage")]), "t")
+            .commit(&state, &raw(&[("x-session", "garbage")]), &rq())
             .await
             .unwrap();
         assert_eq!(r, CommitResult::default());
@@ -636,23 +895,27 @@ store: {type: memory}
     #[tokio::test]
     async fn bad_directives_are_502_and_fresh_destroy_only_expires_a_presented_cookie() {
         let e = engine();
-        let state = e.load(false, Found::Absent, "t").await.unwrap();
+        let state = e.load(false, Found::Absent, &rq()).await.unwrap();
         let err = e
-            .commit(&state, &raw(&[("x-session", "[]")]), "t")
+            .commit(&state, &raw(&[("x-session", "[]")]), &rq())
             .await
             .unwrap_err();
         assert_eq!(err.status, 502);
         let r = e
-            .commit(&state, &raw(&[("x-session-action", "destroy")]), "t")
+            .commit(&state, &raw(&[("x-session-action", "destroy")]), &rq())
             .await
             .unwrap();
         assert_eq!(r.set_cookie, None);
         let with_cookie = e
-            .load(false, Found::One("bogus".into()), "t")
+            .load(false, Found::One("bogus".into()), &rq())
             .await
             .unwrap();
         let r = e
-            .commit(&with_cookie, &raw(&[("x-session-action", "destroy")]), "t")
+            .commit(
+                &with_cookie,
+                &raw(&[("x-session-action", "destroy")]),
+                &rq(),
+            )
             .await
             .unwrap();
         assert!(r.set_cookie.unwrap().contains("Max-Age=0"));

@@ -11,16 +11,27 @@
 //!   write the store, set the cookie. A failure here becomes an error that
 //!   `fail_to_proxy` turns into our plain-text 502/503 (the upstream's
 //!   headers and body never reach the client).
+//! - `logging`: metrics and the access log line, after the response.
+//!
+//! Everything reloadable lives in one [`Runtime`], swapped whole by a
+//! reload; each request takes the current one when it starts and keeps it
+//! to the end, so requests in flight finish with the config they began
+//! with.
 
 pub mod cookies;
 pub mod engine;
+pub mod forwarded;
 pub mod path;
 pub mod protocol;
 
+use crate::config::Config;
 use crate::drain::InflightGuard;
+use crate::metrics;
+use crate::store::StoreHandle;
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::Bytes;
-use engine::{Failure, SessionEngine, SessionState};
+use engine::{Failure, RequestInfo, SessionEngine, SessionState};
 use pingora::http::{RequestHeader, ResponseHeader};
 use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
@@ -29,23 +40,29 @@ use protocol::{is_protocol_header, RawDirectives};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Per-request state.
 pub struct RequestCtx {
-    pub request_id: String,
+    /// The configuration this request runs with, start to end.
+    rt: Arc<Runtime>,
+    pub rq: RequestInfo,
+    started: Instant,
     state: Option<SessionState>,
     /// The failure to answer with from `fail_to_proxy`.
     failure: Option<Failure>,
     committed: bool,
+    /// This request created a session (for the access log).
+    created: bool,
+    /// The response was cut off after its head went out.
+    aborted: bool,
     _inflight: InflightGuard,
 }
 
-/// Shared state of the proxy service.
-pub struct SessionProxy {
+/// What requests run with; replaced as a whole on reload (SIGHUP).
+pub struct Runtime {
     engine: Arc<SessionEngine>,
     upstreams: Vec<SocketAddr>,
-    next_upstream: AtomicUsize,
     connect_timeout: Duration,
     read_timeout: Option<Duration>,
     /// `session.header` as pingora takes it, built once: cloning it per
@@ -53,16 +70,17 @@ pub struct SessionProxy {
     data_header: Bytes,
     /// `session.exclude`, normalized like request paths.
     exclude: Vec<String>,
+    /// `server.trusted_proxies`.
+    trusted_proxies: Vec<ipnet::IpNet>,
+    access_log: bool,
 }
 
-impl SessionProxy {
-    pub fn new(
-        engine: Arc<SessionEngine>,
-        upstreams: Vec<SocketAddr>,
-        connect_timeout: Duration,
-        read_timeout: Option<Duration>,
-    ) -> Self {
-        SessionProxy {
+impl Runtime {
+    /// The runtime of a config; `store` outlives reloads (a changed
+    /// `store:` needs a restart).
+    pub fn new(config: &Config, store: Arc<StoreHandle>) -> Runtime {
+        let engine = Arc::new(SessionEngine::new(config, store));
+        Runtime {
             data_header: Bytes::from(engine.session.headers.data.clone()),
             exclude: engine
                 .session
@@ -71,10 +89,26 @@ impl SessionProxy {
                 .map(|p| path::normalize(p))
                 .collect(),
             engine,
-            upstreams,
+            upstreams: config.upstreams.clone(),
+            connect_timeout: config.server.upstream_connect_timeout,
+            read_timeout: config.server.upstream_read_timeout,
+            trusted_proxies: config.server.trusted_proxies.clone(),
+            access_log: config.access_log,
+        }
+    }
+}
+
+/// Shared state of the proxy service.
+pub struct SessionProxy {
+    current: Arc<ArcSwap<Runtime>>,
+    next_upstream: AtomicUsize,
+}
+
+impl SessionProxy {
+    pub fn new(current: Arc<ArcSwap<Runtime>>) -> Self {
+        SessionProxy {
+            current,
             next_upstream: AtomicUsize::new(0),
-            connect_timeout,
-            read_timeout,
         }
     }
 }
@@ -183,6 +217,46 @@ fn strip_app_session_cookie(resp: &mut ResponseHeader, name: &str, request_id: &
     Ok(())
 }
 
+/// What happened to the session of a request, for the access log.
+fn session_outcome(ctx: &RequestCtx) -> &'static str {
+    match &ctx.state {
+        _ if ctx.created => "new",
+        Some(SessionState::Existing { .. }) => "existing",
+        Some(SessionState::Excluded) => "excluded",
+        Some(SessionState::Fresh {
+            cookie_present: true,
+        }) => "invalid",
+        Some(SessionState::Unavailable) => "unavailable",
+        // No cookie, sessions disabled, or refused before loading.
+        _ => "none",
+    }
+}
+
+/// One line per request on the `access` target: no query string (it may
+/// carry secrets), nothing of the session's content.
+fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx, status: u16, took: Duration) {
+    let req = session.req_header();
+    let client = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip());
+    tracing::info!(
+        target: crate::telemetry::ACCESS,
+        request_id = %ctx.rq.id,
+        client = client.map(tracing::field::display),
+        method = %req.method,
+        path = req.uri.path(),
+        status,
+        duration_us = took.as_micros() as u64,
+        bytes = session.body_bytes_sent(),
+        session = session_outcome(ctx),
+        store_us = ctx.rq.store_time().as_micros() as u64,
+        aborted = ctx.aborted,
+        error = e.map(tracing::field::display),
+        "access"
+    );
+}
+
 fn add_vary_cookie(resp: &mut ResponseHeader) -> Result<()> {
     let already = resp.headers.get_all(http::header::VARY).iter().any(|v| {
         String::from_utf8_lossy(v.as_bytes())
@@ -201,10 +275,14 @@ impl ProxyHttp for SessionProxy {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            request_id: String::new(),
+            rt: self.current.load_full(),
+            rq: RequestInfo::default(),
+            started: Instant::now(),
             state: None,
             failure: None,
             committed: false,
+            created: false,
+            aborted: false,
             _inflight: InflightGuard::new(),
         }
     }
@@ -212,10 +290,11 @@ impl ProxyHttp for SessionProxy {
     /// Decide the session before anything goes upstream.
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let req = session.req_header();
-        ctx.request_id = incoming_request_id(req).unwrap_or_else(new_request_id);
+        ctx.rq = RequestInfo::new(incoming_request_id(req).unwrap_or_else(new_request_id));
+        let rt = &ctx.rt;
         let excluded = path::is_excluded(
             req.uri.path_and_query().map_or("/", |p| p.as_str()),
-            &self.exclude,
+            &rt.exclude,
         );
         let found = if excluded {
             cookies::Found::Absent
@@ -225,16 +304,16 @@ impl ProxyHttp for SessionProxy {
                     .get_all(http::header::COOKIE)
                     .iter()
                     .map(|v| v.as_bytes()),
-                &self.engine.cookie.name,
+                &rt.engine.cookie.name,
             )
         };
-        match self.engine.load(excluded, found, &ctx.request_id).await {
+        match rt.engine.load(excluded, found, &ctx.rq).await {
             Ok(state) => {
                 ctx.state = Some(state);
                 Ok(false)
             }
             Err(failure) => {
-                send_plain(session, failure.status, &failure.message, &ctx.request_id).await?;
+                send_plain(session, failure.status, &failure.message, &ctx.rq.id).await?;
                 Ok(true)
             }
         }
@@ -243,23 +322,33 @@ impl ProxyHttp for SessionProxy {
     async fn upstream_peer(
         &self,
         _session: &mut Session,
-        _ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let i = self.next_upstream.fetch_add(1, Ordering::Relaxed) % self.upstreams.len();
-        let mut peer = HttpPeer::new(self.upstreams[i], false, String::new());
-        peer.options.connection_timeout = Some(self.connect_timeout);
-        peer.options.read_timeout = self.read_timeout;
+        let rt = &ctx.rt;
+        let i = self.next_upstream.fetch_add(1, Ordering::Relaxed) % rt.upstreams.len();
+        let mut peer = HttpPeer::new(rt.upstreams[i], false, String::new());
+        peer.options.connection_timeout = Some(rt.connect_timeout);
+        peer.options.read_timeout = rt.read_timeout;
         Ok(Box::new(peer))
     }
 
     /// Strip what the client must not control and add the session data.
     async fn upstream_request_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         upstream_request: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let names = &self.engine.session.headers;
+        let peer = forwarded::Peer {
+            addr: session
+                .client_addr()
+                .and_then(|a| a.as_inet())
+                .map(|a| a.ip()),
+            https: session.digest().is_some_and(|d| d.ssl_digest.is_some()),
+        };
+        let rt = ctx.rt.clone();
+        forwarded::apply(upstream_request, peer, &rt.trusted_proxies)?;
+        let names = &rt.engine.session.headers;
         let forged: Vec<http::HeaderName> = upstream_request
             .headers
             .keys()
@@ -279,7 +368,7 @@ impl ProxyHttp for SessionProxy {
                     .get_all(http::header::COOKIE)
                     .iter()
                     .map(|v| v.as_bytes()),
-                &self.engine.cookie.name,
+                &rt.engine.cookie.name,
             );
             upstream_request.remove_header(&http::header::COOKIE);
             if let Some(kept) = kept {
@@ -291,14 +380,14 @@ impl ProxyHttp for SessionProxy {
             // Checked as printable ASCII when it was decoded.
             let value = http::HeaderValue::from_maybe_shared(value)
                 .map_err(|e| Error::because(ErrorType::InternalError, "session header value", e))?;
-            upstream_request.insert_header(self.data_header.clone(), value)?;
+            upstream_request.insert_header(rt.data_header.clone(), value)?;
         }
-        if matches!(state, Some(SessionState::Unavailable)) {
-            upstream_request.insert_header(names.error.clone(), "store-unavailable")?;
+        if let Some(error) = state.and_then(SessionState::error_value) {
+            upstream_request.insert_header(names.error.clone(), error)?;
         }
-        if !upstream_request.headers.contains_key("x-request-id") {
-            upstream_request.insert_header("X-Request-Id", ctx.request_id.as_str())?;
-        }
+        // Always the id the gateway logs and answers with: a client's id
+        // that was not reused must not reach the app either.
+        upstream_request.insert_header("X-Request-Id", ctx.rq.id.as_str())?;
         Ok(())
     }
 
@@ -309,7 +398,8 @@ impl ProxyHttp for SessionProxy {
         resp: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        let names = &self.engine.session.headers;
+        let rt = ctx.rt.clone();
+        let names = &rt.engine.session.headers;
         let mut raw = RawDirectives::default();
         let mut protocol_names: Vec<http::HeaderName> = Vec::new();
         for (name, value) in resp.headers.iter() {
@@ -320,7 +410,11 @@ impl ProxyHttp for SessionProxy {
         for name in &protocol_names {
             resp.remove_header(name);
         }
-        strip_app_session_cookie(resp, &self.engine.cookie.name, &ctx.request_id)?;
+        strip_app_session_cookie(resp, &rt.engine.cookie.name, &ctx.rq.id)?;
+        // The id the gateway logs under, for a user's report to be found.
+        if !resp.headers.contains_key("x-request-id") {
+            resp.insert_header("X-Request-Id", ctx.rq.id.as_str())?;
+        }
         // Interim (1xx) responses carry no session; the final one does.
         if ctx.committed || (resp.status.is_informational() && resp.status != 101) {
             return Ok(());
@@ -329,8 +423,9 @@ impl ProxyHttp for SessionProxy {
         let Some(state) = ctx.state.as_ref() else {
             return Ok(());
         };
-        match self.engine.commit(state, &raw, &ctx.request_id).await {
+        match rt.engine.commit(state, &raw, &ctx.rq).await {
             Ok(result) => {
+                ctx.created = result.created;
                 if let Some(cookie) = result.set_cookie {
                     resp.append_header("Set-Cookie", cookie)?;
                     make_private(resp)?;
@@ -358,6 +453,32 @@ impl ProxyHttp for SessionProxy {
         e: &Error,
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
+        // Once a final response head is on the wire, an error text would
+        // only corrupt the body (and a chunked body would even look
+        // complete): abort the connection instead, so the client and any
+        // cache in front see a transport error, never a complete response.
+        let head_sent = session
+            .response_written()
+            .is_some_and(|r| !r.status.is_informational() || r.status.as_u16() == 101);
+        if ctx.failure.is_none() && e.esource() == &ErrorSource::Upstream {
+            metrics::get().upstream_errors.inc();
+        }
+        if head_sent {
+            ctx.aborted = true;
+            tracing::warn!(
+                request_id = %ctx.rq.id,
+                status = session.response_written().map(|r| r.status.as_u16()),
+                error = %e,
+                "upstream failed after the response started; connection aborted"
+            );
+            // H1: flush what is buffered, then close; H2: reset the stream.
+            // Bounded: a client that stopped reading must not hold us.
+            let _ = tokio::time::timeout(Duration::from_secs(1), session.shutdown()).await;
+            return FailToProxy {
+                error_code: 0,
+                can_reuse_downstream: false,
+            };
+        }
         let (code, message) = match ctx.failure.take() {
             Some(f) => (f.status, f.message),
             None => {
@@ -375,7 +496,7 @@ impl ProxyHttp for SessionProxy {
                     },
                 };
                 if code > 0 {
-                    tracing::warn!(request_id = %ctx.request_id, status = code, error = %e, "request failed");
+                    tracing::warn!(request_id = %ctx.rq.id, status = code, error = %e, "request failed");
                 }
                 let message = match code {
                     502 => "upstream unavailable or failed".to_string(),
@@ -386,10 +507,10 @@ impl ProxyHttp for SessionProxy {
             }
         };
         if code > 0 {
-            let id = if ctx.request_id.is_empty() {
+            let id = if ctx.rq.id.is_empty() {
                 new_request_id()
             } else {
-                ctx.request_id.clone()
+                ctx.rq.id.clone()
             };
             if let Err(err) = send_plain(session, code, &message, &id).await {
                 tracing::debug!(request_id = %id, error = %err, "could not send error response");
@@ -405,5 +526,16 @@ impl ProxyHttp for SessionProxy {
     /// id; pingora's generic line would only repeat them.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, _error: &Error) -> bool {
         true
+    }
+
+    /// After the response: metrics, and the access log line. Runs once per
+    /// request, also for requests answered by the gateway itself.
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        let status = session.response_written().map_or(0, |r| r.status.as_u16());
+        let took = ctx.started.elapsed();
+        metrics::get().request(status, took);
+        if ctx.rt.access_log {
+            access_log(session, e, ctx, status, took);
+        }
     }
 }

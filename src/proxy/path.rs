@@ -6,24 +6,50 @@
 use percent_encoding::percent_decode;
 
 /// Normalize a request target or configured prefix to a decoded path.
+///
+/// Decoding is per segment: `%2F` inside a segment is kept as `%2F`, not
+/// made a separator (most app servers route `/api/..%2fstatic` under
+/// `/api`), while `%2e%2e` is a dot segment. The scheme and authority of
+/// an absolute-form target (`http://host/path`) are dropped, and only when
+/// the target starts with one.
 pub fn normalize(target: &str) -> String {
     let path = target.split(['?', '#']).next().unwrap_or("");
-    // Absolute-form targets (`http://host/path`) carry the path after the authority.
-    let path = match path.find("://") {
-        Some(i) => path[i + 3..].find('/').map_or("/", |j| &path[i + 3 + j..]),
+    let path = match absolute_form_path(path) {
+        Some(p) => p,
         None => path,
     };
-    let decoded = percent_decode(path.as_bytes()).decode_utf8_lossy();
-    remove_dot_segments(&decoded)
+    let segments: Vec<String> = path
+        .split('/')
+        .map(|seg| {
+            percent_decode(seg.as_bytes())
+                .decode_utf8_lossy()
+                .replace('/', "%2F")
+        })
+        .collect();
+    remove_dot_segments(&segments)
 }
 
-fn remove_dot_segments(path: &str) -> String {
+/// The path of an absolute-form target: `scheme://authority/path`, where
+/// the scheme is `[A-Za-z][A-Za-z0-9+.-]*` at the very start.
+fn absolute_form_path(target: &str) -> Option<&str> {
+    let colon = target.find("://")?;
+    let scheme = &target[..colon];
+    let mut chars = scheme.chars();
+    let valid = chars.next().is_some_and(|c| c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
+    if !valid {
+        return None;
+    }
+    let rest = &target[colon + 3..];
+    Some(rest.find('/').map_or("/", |j| &rest[j..]))
+}
+
+fn remove_dot_segments(segments: &[String]) -> String {
     let mut out: Vec<&str> = Vec::new();
-    let segments: Vec<&str> = path.split('/').collect();
     let last = segments.len().saturating_sub(1);
     let mut trailing_slash = false;
     for (i, seg) in segments.iter().enumerate() {
-        match *seg {
+        match seg.as_str() {
             "." => trailing_slash = i == last,
             ".." => {
                 out.pop();
@@ -36,7 +62,7 @@ fn remove_dot_segments(path: &str) -> String {
             }
         }
     }
-    let mut result = String::with_capacity(path.len() + 1);
+    let mut result = String::new();
     for s in &out {
         result.push('/');
         result.push_str(s);
@@ -99,5 +125,38 @@ mod tests {
         assert!(!is_excluded("/static/../api", &ex));
         assert!(!is_excluded("/api?p=/static/", &ex));
         assert!(is_excluded("/anything", &[normalize("/")]));
+    }
+
+    /// The verdicts the README lists, for `exclude: ["/static/"]`.
+    #[test]
+    fn exclusion_table() {
+        let ex = vec![normalize("/static/")];
+        let table = [
+            ("/static/app.js", true),
+            ("/static", true),
+            ("/static/", true),
+            ("/Static/app.js", false),
+            ("/staticky", false),
+            ("/static/../api", false),
+            ("/api/../static/x", true),
+            ("/%73tatic/x", true),
+            ("/static/%2e%2e/api", false),
+            ("/api/%2e%2e/static/x", true),
+            ("/api/..%2fstatic/x", false),
+            ("/api%2F..%2Fstatic/x", false),
+            ("/static%2fapp.js", false),
+            ("/./static/x", true),
+            ("//static/x", false),
+            ("/static/x?y=/api", true),
+            ("/api?next=/static/", false),
+            ("http://gw.example/static/x", true),
+            ("HTTPS://gw.example:8443/static/x?q", true),
+            ("http://gw.example", false),
+            ("/api/http://h/static/x", false),
+            ("/x/https://static/", false),
+        ];
+        for (target, excluded) in table {
+            assert_eq!(is_excluded(target, &ex), excluded, "{target}");
+        }
     }
 }

@@ -2,26 +2,22 @@
 //! to it (and are stripped), and parsing the upstream's session directives
 //! (`X-Session`, `X-Session-Patch`, `X-Session-Action`) into [`Directives`].
 //! Pure functions over header names and values; no I/O.
+//!
+//! What the upstream may store is limited so that every store can give it
+//! back exactly: at most [`MAX_DEPTH`] levels of nesting, integers within
+//! 64 bits (a larger one would silently become a float), no lone UTF-16
+//! surrogates (refused by the JSON parser). Anything else is a 502.
 
+pub use crate::config::is_protocol_header;
 use crate::config::HeaderNames;
 use serde_json::{Map, Value};
 
-/// Does a header name belong to the protocol? Compared case-insensitively
-/// with `_` read as `-`, so `X_Session` counts too (some servers map it to
-/// the same variable as `X-Session`).
-pub fn is_protocol_header(name: &str, strip_prefix: &str) -> bool {
-    let name = name.as_bytes();
-    let prefix = strip_prefix.as_bytes();
-    name.len() >= prefix.len()
-        && name[..prefix.len()].iter().zip(prefix).all(|(&a, &b)| {
-            let a = if a == b'_' {
-                b'-'
-            } else {
-                a.to_ascii_lowercase()
-            };
-            a == b
-        })
-}
+/// Deepest nesting accepted in session data, counting the data object
+/// itself as level 1 (`{"a":{"b":[1]}}` is 3). serde_json refuses input
+/// deeper than 128 levels; 64 leaves room for every store's wrapping
+/// (the legacy stored form adds one level) and is far beyond what a
+/// session needs.
+pub const MAX_DEPTH: usize = 64;
 
 /// What the upstream asked for.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -101,14 +97,20 @@ impl RawDirectives {
                 names.patch
             )));
         }
-        if let Some(raw) = self.data.first() {
-            if raw.len() > max_bytes {
+        // Refused before parsing: a header larger than the session may be
+        // is never worth a parse.
+        for (raw, header) in [
+            (self.data.first(), &names.data),
+            (self.patch.first(), &names.patch),
+        ] {
+            if let Some(raw) = raw.filter(|r| r.len() > max_bytes) {
                 return Err(ProtocolError(format!(
-                    "{} is {} bytes, more than session.max_bytes ({max_bytes})",
-                    names.data,
+                    "{header} is {} bytes, more than session.max_bytes ({max_bytes})",
                     raw.len()
                 )));
             }
+        }
+        if let Some(raw) = self.data.first() {
             d.replace = Some(parse_object(raw, &names.data)?);
         }
         if let Some(raw) = self.patch.first() {
@@ -153,11 +155,70 @@ fn set_permanence(
 }
 
 fn parse_object(raw: &[u8], header: &str) -> Result<Map<String, Value>, ProtocolError> {
-    match serde_json::from_slice::<Value>(raw) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(ProtocolError(format!("{header} is not a JSON object"))),
-        Err(e) => Err(ProtocolError(format!("{header} is not valid JSON: {e}"))),
+    let map = match serde_json::from_slice::<Value>(raw) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(ProtocolError(format!("{header} is not a JSON object"))),
+        Err(e) => return Err(ProtocolError(format!("{header} is not valid JSON: {e}"))),
+    };
+    if let Some(literal) = oversized_integer(raw) {
+        return Err(ProtocolError(format!(
+            "{header} holds the integer {literal}, outside the 64-bit range it could be stored in exactly"
+        )));
     }
+    let depth = object_depth(&map);
+    if depth > MAX_DEPTH {
+        return Err(ProtocolError(format!(
+            "{header} is nested {depth} levels deep, more than the {MAX_DEPTH} a session may have"
+        )));
+    }
+    Ok(map)
+}
+
+/// Nesting depth of an object (itself = 1).
+pub fn object_depth(map: &Map<String, Value>) -> usize {
+    fn depth(v: &Value) -> usize {
+        match v {
+            Value::Object(m) => object_depth(m),
+            Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+            _ => 0,
+        }
+    }
+    1 + map.values().map(depth).max().unwrap_or(0)
+}
+
+/// The first integer literal (no fraction, no exponent) in valid JSON text
+/// that does not fit in i64 or u64. serde_json would read it as a float
+/// and silently change it (12345678901234567890123 -> 1.2345678901234568e22).
+fn oversized_integer(json: &[u8]) -> Option<String> {
+    let mut i = 0;
+    while i < json.len() {
+        match json[i] {
+            b'"' => {
+                // Skip the string; the text is valid JSON, so it ends.
+                i += 1;
+                while i < json.len() && json[i] != b'"' {
+                    i += if json[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                i += 1;
+                while i < json.len()
+                    && matches!(json[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let literal = std::str::from_utf8(&json[start..i]).unwrap_or("");
+                let integer = !literal.contains(['.', 'e', 'E']);
+                if integer && literal.parse::<i64>().is_err() && literal.parse::<u64>().is_err() {
+                    return Some(literal.to_string());
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 #[cfg(test)]
@@ -224,10 +285,63 @@ mod tests {
                 "more than once",
             ),
             (vec![("x-session", r#"{"k":"0123456789"}"#)], "max_bytes"),
+            (
+                vec![("x-session-patch", r#"{"k":"0123456789"}"#)],
+                "max_bytes",
+            ),
+            (vec![("x-session", r#"{"n":1e999}"#)], "not valid JSON"),
         ];
         for (headers, expect) in cases {
             let err = raw(&headers).parse(&names(), 12).unwrap_err();
             assert!(err.0.contains(expect), "{headers:?}: {}", err.0);
+        }
+    }
+
+    #[test]
+    fn depth_limit_counts_the_object_itself() {
+        let deepest = "{\"a\":".repeat(MAX_DEPTH - 1) + "{}" + &"}".repeat(MAX_DEPTH - 1);
+        let map = raw(&[("x-session", &deepest)])
+            .parse(&names(), 1 << 20)
+            .unwrap()
+            .replace
+            .unwrap();
+        assert_eq!(object_depth(&map), MAX_DEPTH);
+        let too_deep = format!("{{\"b\":{deepest}}}");
+        let err = raw(&[("x-session-patch", &too_deep)])
+            .parse(&names(), 1 << 20)
+            .unwrap_err();
+        assert!(err.0.contains("nested 65 levels"), "{}", err.0);
+        let arrays = format!(
+            "{{\"a\":{}1{}}}",
+            "[".repeat(MAX_DEPTH),
+            "]".repeat(MAX_DEPTH)
+        );
+        assert!(raw(&[("x-session", &arrays)])
+            .parse(&names(), 1 << 20)
+            .is_err());
+    }
+
+    #[test]
+    fn integers_must_fit_in_64_bits_and_surrogates_must_pair() {
+        for ok in [
+            r#"{"a":9223372036854775807,"b":-9223372036854775808,"c":18446744073709551615}"#,
+            r#"{"f":1.5e300,"g":-0.0,"s":"12345678901234567890123","t":"\\\"99999999999999999999"}"#,
+            r#"{"emoji":"\ud83d\ude00"}"#,
+        ] {
+            raw(&[("x-session", ok)])
+                .parse(&names(), 1 << 20)
+                .unwrap_or_else(|e| panic!("{ok}: {}", e.0));
+        }
+        for (bad, why) in [
+            (r#"{"a":18446744073709551616}"#, "64-bit"),
+            (r#"{"a":[1,-9223372036854775809]}"#, "64-bit"),
+            (r#"{"lone":"\ud83d"}"#, "not valid JSON"),
+            (r#"{"lone":"\ude00x"}"#, "not valid JSON"),
+        ] {
+            let err = raw(&[("x-session-patch", bad)])
+                .parse(&names(), 1 << 20)
+                .unwrap_err();
+            assert!(err.0.contains(why), "{bad}: {}", err.0);
         }
     }
 }

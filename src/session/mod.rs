@@ -7,6 +7,7 @@
 
 pub mod id;
 pub mod record;
+pub mod seal;
 pub mod store;
 
 pub use id::{CookieVerifier, SessionId};

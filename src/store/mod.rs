@@ -13,6 +13,8 @@ pub mod cas;
 #[cfg(feature = "dynamodb")]
 pub mod dynamodb;
 pub mod filesystem;
+#[cfg(feature = "memcached")]
+pub mod memcached;
 pub mod memory;
 pub mod null;
 #[cfg(feature = "redis")]
@@ -122,6 +124,7 @@ pub const REGISTRY: &[Entry] = &[
     },
     optional!("redis", redis),
     optional!("sql", sql),
+    optional!("memcached", memcached),
     optional!("dynamodb", dynamodb),
 ];
 

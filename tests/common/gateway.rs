@@ -169,6 +169,29 @@ impl Gateway {
         std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
+    /// The first log line matching `pred`, waiting up to 5 s for it: the
+    /// gateway writes its log from a thread of its own, so a line can land
+    /// a moment after the response it belongs to.
+    pub fn wait_log_line(&self, pred: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let log = self.log();
+            if let Some(line) = log.lines().find(|l| pred(l)) {
+                return line.to_string();
+            }
+            if Instant::now() > deadline {
+                panic!("no matching log line within 5s:\n{log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The `ERROR` line logged for a request id (waits like
+    /// [`Self::wait_log_line`]).
+    pub fn error_line_for(&self, request_id: &str) -> String {
+        self.wait_log_line(|l| l.contains(request_id) && l.contains("ERROR"))
+    }
+
     pub fn pid(&self) -> i32 {
         self.child.as_ref().expect("running").id() as i32
     }

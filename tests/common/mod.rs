@@ -6,8 +6,11 @@
 
 pub mod contract;
 pub mod gateway;
+#[cfg(feature = "memcached")]
+pub mod memcached_server;
 #[cfg(feature = "dynamodb")]
 pub mod moto_server;
+pub mod outage;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
@@ -49,6 +52,8 @@ pub fn unique(tag: &str) -> String {
 pub struct StoreFixture {
     pub yaml: String,
     pub guard: Box<dyn std::any::Any + Send + Sync>,
+    /// Gateways of the protocol suite run with `session.seal: true`.
+    pub sealed: bool,
 }
 
 impl StoreFixture {
@@ -56,7 +61,14 @@ impl StoreFixture {
         StoreFixture {
             yaml: yaml.into(),
             guard: Box::new(guard),
+            sealed: false,
         }
+    }
+
+    /// The same store, with sealed sessions.
+    pub fn sealed(mut self) -> Self {
+        self.sealed = true;
+        self
     }
 
     /// The store this fixture describes, opened as the gateway opens it

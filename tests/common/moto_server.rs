@@ -55,7 +55,8 @@ pub fn aws_test_env() {
 
 pub struct MotoServer {
     pub port: u16,
-    process: ServerProcess,
+    /// Stop, restart (empty: moto keeps nothing), freeze, thaw.
+    pub process: ServerProcess,
 }
 
 impl MotoServer {
@@ -85,29 +86,6 @@ impl MotoServer {
     /// `http://127.0.0.1:<port>`, for `store.endpoint_url`.
     pub fn endpoint(&self) -> String {
         endpoint(self.port)
-    }
-
-    /// Stop it (its tables die with it: moto keeps nothing).
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// Start again on the same port, empty.
-    pub fn start_again(&mut self) {
-        self.process.start_again();
-    }
-
-    /// Freeze the process (SIGSTOP): connections open, nothing answers.
-    pub fn pause(&self) {
-        self.process.pause();
-    }
-
-    pub fn resume(&self) {
-        self.process.resume();
-    }
-
-    pub fn log(&self) -> String {
-        self.process.log()
     }
 }
 

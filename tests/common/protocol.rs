@@ -160,7 +160,11 @@ pub async fn setup(
     tweak: impl FnOnce(GatewayBuilder) -> GatewayBuilder,
 ) -> Setup {
     let up = Upstream::start().await;
-    let gw = tweak(GatewayBuilder::new(up.port, &fx.yaml)).start();
+    let mut builder = GatewayBuilder::new(up.port, &fx.yaml);
+    if fx.sealed {
+        builder = builder.session("seal", "true");
+    }
+    let gw = tweak(builder).start();
     Setup { up, gw, fx }
 }
 
@@ -631,11 +635,7 @@ async fn assert_bad_update(s: &Setup, b: &Browser, headers: &[(&str, &str)], exp
         .header("x-request-id")
         .expect("error responses carry the request id");
     assert!(r.text.contains(&id));
-    let log = s.gw.log();
-    assert!(
-        log.lines().any(|l| l.contains(&id) && l.contains("ERROR")),
-        "no error log line with request id {id}:\n{log}"
-    );
+    s.gw.error_line_for(&id);
     assert_eq!(
         b.get("/", &[]).await.session(),
         json!({"keep": 1}),
@@ -841,11 +841,95 @@ pub async fn request_id_forwarded(fx: StoreFixture) {
     let s = setup(fx, |b| b).await;
     let b = Browser::new(&s.gw);
     let r = b.get("/", &[]).await;
-    assert!(r
-        .upstream_header("x-request-id")
-        .is_some_and(|v| v.len() >= 16));
+    let id = r.upstream_header("x-request-id").unwrap();
+    assert_eq!(id.len(), 16);
+    assert_eq!(r.header("x-request-id").as_deref(), Some(id.as_str()));
     let r = b.get("/", &[("x-request-id", "abc-123")]).await;
     assert_eq!(r.upstream_header("x-request-id").unwrap(), "abc-123");
+    assert_eq!(r.header("x-request-id").as_deref(), Some("abc-123"));
+    // A client id that is not reused is not forwarded either: the app,
+    // the logs and the client all see the gateway's.
+    let long = "x".repeat(200);
+    for forged in [long.as_str(), "has space", "semi;colon"] {
+        let r = b.get("/", &[("x-request-id", forged)]).await;
+        let id = r.upstream_header("x-request-id").unwrap();
+        assert_ne!(id, forged);
+        assert_eq!(id.len(), 16, "{id}");
+        assert_eq!(r.header("x-request-id"), Some(id));
+    }
+}
+
+/// `session.max_bytes` limits the `X-Session` value exactly as the app
+/// receives it (`\u`-escaped): raw UTF-8 that fits the limit but escapes to
+/// more is refused, so a user can never be locked out by a header their app
+/// server refuses.
+pub async fn max_bytes_limits_what_the_app_receives(fx: StoreFixture) {
+    use base64::Engine;
+    let s = setup(fx, |b| b.session("max_bytes", "8192")).await;
+    let b = Browser::new(&s.gw);
+    b.patch("/", json!({"keep": 1})).await;
+    let raw_patch = |emoji: usize| {
+        let patch = format!(r#"{{"e":"{}"}}"#, "😀".repeat(emoji));
+        base64::engine::general_purpose::STANDARD.encode(patch)
+    };
+    // 2000 emoji: 8000 bytes of UTF-8 (fits), 24000 once escaped.
+    let r = b
+        .get("/", &[("x-reply-raw-x-session-patch", &raw_patch(2000))])
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert!(r.text.contains("max_bytes"), "{}", r.text);
+    assert_eq!(b.get("/", &[]).await.session(), json!({"keep": 1}));
+    // 600 emoji: 7200 bytes escaped, within the limit, delivered exactly.
+    let r = b
+        .get("/", &[("x-reply-raw-x-session-patch", &raw_patch(600))])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = b.get("/", &[]).await;
+    assert_eq!(r.session()["e"].as_str().unwrap().chars().count(), 600);
+    let sent = r.upstream_header("x-session").unwrap();
+    assert!(
+        sent.is_ascii() && sent.len() <= 8192,
+        "{} bytes",
+        sent.len()
+    );
+}
+
+/// Session data as deep as the limit allows round-trips through the
+/// store; one level more, integers beyond 64 bits and lone surrogates are
+/// refused (502) and change nothing.
+pub async fn deepest_accepted_session_round_trips(fx: StoreFixture) {
+    let s = setup(fx, |b| b).await;
+    let b = Browser::new(&s.gw);
+    let depth = session_gateway::proxy::protocol::MAX_DEPTH;
+    // {"d": {"d": ... {"leaf": [1]} }}: `depth` levels with the array.
+    let mut deepest = json!({"leaf": [1]});
+    for _ in 0..depth - 2 {
+        deepest = json!({ "d": deepest });
+    }
+    let r = b.patch("/", deepest.clone()).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(b.get("/", &[]).await.session(), deepest);
+    let r = b.patch("/", json!({ "more": deepest.clone() })).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    for bad in [
+        r#"{"n":123456789012345678901234567890}"#,
+        r#"{"s":"\ud800"}"#,
+    ] {
+        let r = b.get("/", &[("x-reply-x-session-patch", bad)]).await;
+        assert_eq!(r.status, 502, "{bad}: {}", r.text);
+    }
+    assert_eq!(b.get("/", &[]).await.session(), deepest);
+    // The largest integers that fit are kept exactly.
+    let exact = r#"{"max":18446744073709551615,"min":-9223372036854775808}"#;
+    let r = b.get("/", &[("x-reply-x-session", exact)]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        b.get("/", &[])
+            .await
+            .upstream_header("x-session")
+            .as_deref(),
+        Some(exact)
+    );
 }
 
 pub async fn graceful_shutdown_finishes_in_flight(fx: StoreFixture) {
@@ -924,6 +1008,29 @@ pub async fn legacy_stored_session_still_loads(fx: StoreFixture) {
     b.patch("/", json!({"n": 2})).await;
     let stored = s.fx.store().await.load(&key).await.unwrap().unwrap().value;
     assert_eq!(&stored[..], br#"P{"n":2,"user":"ada","z":"Zo\u00eb"}"#);
+}
+
+/// A session stored larger than `session.max_bytes` now allows (written
+/// before the limit was lowered) is not forwarded as an oversized header:
+/// the app gets `{}` and `X-Session-Error: too-large`, and can replace it.
+pub async fn oversized_stored_session_is_not_forwarded(fx: StoreFixture) {
+    let s = setup(fx, |b| b.session("max_bytes", "100")).await;
+    let b = Browser::new(&s.gw);
+    b.patch("/", json!({"a": 1})).await;
+    let big = format!(r#"P{{"big":"{}"}}"#, "x".repeat(200));
+    overwrite(&s.fx, &store_key(&b), big.as_bytes()).await;
+    let r = b.get("/", &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.session(), json!({}));
+    assert_eq!(
+        r.upstream_header("x-session-error").as_deref(),
+        Some("too-large")
+    );
+    let r = b.get("/", &[("x-reply-x-session", r#"{"small":1}"#)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = b.get("/", &[]).await;
+    assert_eq!(r.session(), json!({"small": 1}));
+    assert_eq!(r.upstream_header("x-session-error"), None);
 }
 
 /// Stored bytes that do not decode (corruption, a foreign writer) are no
@@ -1035,6 +1142,8 @@ macro_rules! protocol_suite {
             app_cookies_pass_through,
             cache_headers,
             request_id_forwarded,
+            max_bytes_limits_what_the_app_receives,
+            deepest_accepted_session_round_trips,
             graceful_shutdown_finishes_in_flight,
         );
     };
@@ -1061,12 +1170,33 @@ macro_rules! persistence_suite {
                     .await;
             }
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn oversized_stored_session_is_not_forwarded() {
+                $crate::common::protocol::oversized_stored_session_is_not_forwarded(
+                    super::$make().await,
+                )
+                .await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn unreadable_stored_session_starts_fresh() {
                 $crate::common::protocol::unreadable_stored_session_starts_fresh(
                     super::$make().await,
                 )
                 .await;
             }
+        }
+    };
+}
+
+/// The whole protocol suite again with `session.seal: true`, from the
+/// store's fixture: `sealed_suite!(fixture)`.
+#[macro_export]
+macro_rules! sealed_suite {
+    ($fixture:ident) => {
+        mod sealed {
+            async fn $fixture() -> $crate::common::StoreFixture {
+                super::$fixture().await.sealed()
+            }
+            $crate::protocol_suite!($fixture);
         }
     };
 }

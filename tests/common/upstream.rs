@@ -2,6 +2,8 @@
 //! and answers with whatever the test asks for:
 //! - request header `x-reply-<name>: <value>` -> response header `<name>`
 //!   (so `x-reply-x-session-patch: {...}` makes the app send a patch);
+//! - `x-reply-raw-<name>: <base64>` -> response header `<name>` with the
+//!   decoded bytes (for values a client cannot send, such as raw UTF-8);
 //! - `x-reply-status: 500` -> that status;
 //! - `x-delay-ms: 200` -> answer after that long.
 //!
@@ -99,7 +101,16 @@ async fn handle(req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infalli
     let body = json!({"session": session, "headers": headers, "path": req.uri().to_string()});
     let mut resp = Response::builder().header("content-type", "application/json");
     for (name, value) in req.headers() {
-        if let Some(target) = name.as_str().strip_prefix("x-reply-") {
+        if let Some(target) = name.as_str().strip_prefix("x-reply-raw-") {
+            use base64::Engine;
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(value.as_bytes())
+                .expect("x-reply-raw-* is base64");
+            resp = resp.header(
+                target,
+                hyper::header::HeaderValue::from_bytes(&raw).unwrap(),
+            );
+        } else if let Some(target) = name.as_str().strip_prefix("x-reply-") {
             if target == "status" {
                 let status: u16 = value.to_str().unwrap().parse().unwrap();
                 resp = resp.status(status);

@@ -1,0 +1,3 @@
+module example.com/session-gateway-example
+
+go 1.18
