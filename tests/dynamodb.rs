@@ -22,7 +22,7 @@ use aws_sdk_dynamodb::types::{
 };
 use aws_sdk_dynamodb::Client;
 use bytes::Bytes;
-use common::gateway::{run_cli_env, KEY_A};
+use common::gateway::{check_shipped, run_cli_env, KEY_A};
 use common::moto_server::{self, endpoint, shared_port, MotoServer, REGION};
 use common::outage;
 use common::protocol::{get_with_cookie, setup, Browser, Setup};
@@ -493,34 +493,12 @@ async fn region_comes_from_the_environment_when_not_configured() {
     );
 }
 
-/// Run `--test` on `conf/dynamodb.yaml` with its endpoint pointed at `url`.
-fn check_shipped_config(url: &str) -> (i32, String, String) {
-    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/dynamodb.yaml");
-    let text = std::fs::read_to_string(shipped).unwrap();
-    let default = "endpoint_url: null";
-    assert!(
-        text.contains(default),
-        "conf/dynamodb.yaml changed its endpoint_url"
-    );
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("dynamodb.yaml");
-    std::fs::write(
-        &path,
-        text.replace(default, &format!("endpoint_url: \"{url}\"")),
-    )
-    .unwrap();
-    run_cli_env(
-        &["-c", path.to_str().unwrap(), "--test"],
-        dir.path(),
-        &[("SESSION_SECRET", KEY_A)],
-    )
-}
-
 #[test]
 fn shipped_config_is_valid() {
     // A private server: the shipped table name is the plain default.
     let server = MotoServer::start();
-    let (code, out, err) = check_shipped_config(&server.endpoint());
+    let endpoint = format!("endpoint_url: \"{}\"", server.endpoint());
+    let (code, out, err) = check_shipped("dynamodb.yaml", &[("endpoint_url: null", &endpoint)]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("configuration OK"), "{out}");
     assert!(

@@ -260,3 +260,24 @@ pub fn run_cli_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> (i32, Str
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `--test` on a shipped config (`conf/<name>`) with `edits` applied, each
+/// `(text in the file, replacement)`, and its `${SESSION_SECRET}` filled
+/// in: (exit code, stdout, stderr). Fails if the file no longer contains a
+/// text to replace.
+pub fn check_shipped(name: &str, edits: &[(&str, &str)]) -> (i32, String, String) {
+    let shipped = format!("{}/conf/{name}", env!("CARGO_MANIFEST_DIR"));
+    let mut text = std::fs::read_to_string(&shipped).unwrap();
+    for (from, to) in edits {
+        assert!(
+            text.contains(from),
+            "conf/{name} no longer contains {from:?}"
+        );
+        text = text.replace(from, to);
+    }
+    let text = text.replace("${SESSION_SECRET}", KEY_A);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    run_cli(&["-c", path.to_str().unwrap(), "--test"], dir.path())
+}
