@@ -86,7 +86,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     name = "cargo bench --bench load --",
     about = "session-gateway load benchmark: what a session costs, next to a bare proxy",
     after_help = "Durations: 500ms, 2s, 1m. Everything listens on 127.0.0.1; a private \
-redis-server or memcached is started on a free port; SQL stores use a table of their own \
+redis-server, memcached or moto_server (dynamodb) is started on a free port; SQL stores use a table of their own \
 (postgres://postgres@127.0.0.1:5432/test, mysql://root@127.0.0.1:3306/test, \
 a temporary SQLite file). A store that does not start is reported and skipped."
 )]

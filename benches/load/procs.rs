@@ -1,6 +1,6 @@
 //! Child processes of the bench: the gateway under test (the same binary
 //! users run, built by `cargo bench`) and private store servers
-//! (`redis-server`, `memcached`). Every
+//! (`redis-server`, `memcached`, moto's `moto_server` for DynamoDB). Every
 //! child is killed on drop and also when the bench process dies
 //! (`PR_SET_PDEATHSIG`), so an interrupted run leaves nothing behind.
 
@@ -191,6 +191,27 @@ pub fn start_memcached(dir: &Path) -> Result<Proc, String> {
         }
         cmd.args(["-l", "127.0.0.1", "-p", &port.to_string()])
             .args(["-U", "0", "-m", "256", "-t", "1"]);
+        cmd
+    })
+}
+
+/// A private `moto_server` (moto's DynamoDB stand-in, all state in its
+/// memory) on a free port, from the Python environment `./scripts/test`
+/// creates (`SGW_TEST_VENV`, default `target/test-venv`).
+pub fn start_moto(dir: &Path) -> Result<Proc, String> {
+    let venv = std::env::var_os("SGW_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    let bin = venv.join("bin/moto_server");
+    if !bin.exists() {
+        return Err(format!(
+            "no {}: ./scripts/test creates that environment (or set SGW_TEST_VENV)",
+            bin.display()
+        ));
+    }
+    start_server("moto_server", dir, |port| {
+        let mut cmd = Command::new(&bin);
+        cmd.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
         cmd
     })
 }

@@ -1,13 +1,15 @@
 //! The stores the bench can run, and what each needs around it: a private
-//! `redis-server` or `memcached`, a SQLite file, a unique table on the shared PostgreSQL
-//! and MariaDB servers (dropped at the end). `baseline` is the same gateway
+//! `redis-server`, `memcached` or `moto_server` (a DynamoDB stand-in, so
+//! its numbers measure the gateway plus moto, not DynamoDB), a SQLite file,
+//! a unique table on the shared PostgreSQL and MariaDB servers (dropped at
+//! the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
 //! is what every other store is compared with.
 
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 8] = [
+pub const ALL: [&str; 9] = [
     "baseline",
     "memory",
     "filesystem",
@@ -16,6 +18,7 @@ pub const ALL: [&str; 8] = [
     "sqlite",
     "postgres",
     "mysql",
+    "dynamodb",
 ];
 
 pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -31,7 +34,7 @@ pub struct StoreEnv {
     pub sessions_off: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
-    /// The private store server (redis-server, memcached), if any
+    /// The private store server (redis-server, memcached, moto_server), if any
     /// (killed on drop).
     pub server: Option<Proc>,
 }
@@ -78,6 +81,21 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         "memcached" => with_server(procs::start_memcached, |port| {
             format!("{{type: memcached, servers: [127.0.0.1:{port}]}}")
         }),
+        "dynamodb" => {
+            // moto takes any credentials; the gateways inherit these, and
+            // nothing asks instance metadata. Set from the bench's main
+            // thread before any gateway starts.
+            std::env::set_var("AWS_ACCESS_KEY_ID", "bench");
+            std::env::set_var("AWS_SECRET_ACCESS_KEY", "bench");
+            std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
+            // A roomier timeout: moto is a Python server on the same CPUs.
+            with_server(procs::start_moto, |port| {
+                format!(
+                    "{{type: dynamodb, region: us-east-1, \
+                     endpoint_url: \"http://127.0.0.1:{port}\", timeout: 2s}}"
+                )
+            })
+        }
         "sqlite" => {
             // An existing (empty) file is a valid database for any URL form.
             let file = dir.join("sessions.db");

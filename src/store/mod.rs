@@ -10,6 +10,8 @@
 //! feature is missing.
 
 pub mod cas;
+#[cfg(feature = "dynamodb")]
+pub mod dynamodb;
 pub mod filesystem;
 #[cfg(feature = "memcached")]
 pub mod memcached;
@@ -123,6 +125,7 @@ pub const REGISTRY: &[Entry] = &[
     optional!("redis", redis),
     optional!("sql", sql),
     optional!("memcached", memcached),
+    optional!("dynamodb", dynamodb),
 ];
 
 /// The `store:` section, parsed: which backend and its settings.

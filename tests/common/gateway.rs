@@ -17,6 +17,8 @@ pub fn binary() -> &'static str {
 #[derive(Clone)]
 pub struct GatewayBuilder {
     config: Mapping,
+    /// Extra environment variables of the gateway process.
+    env: Vec<(String, String)>,
 }
 
 fn yaml(text: &str) -> Value {
@@ -37,7 +39,10 @@ impl GatewayBuilder {
         config.insert("store".into(), yaml(store_yaml));
         config.insert("server".into(), yaml("{threads: 2, grace_period: 10s}"));
         config.insert("log_level".into(), "debug".into());
-        GatewayBuilder { config }
+        GatewayBuilder {
+            config,
+            env: Vec::new(),
+        }
     }
 
     /// Set a top-level key to a YAML value.
@@ -68,6 +73,13 @@ impl GatewayBuilder {
 
     pub fn cookie(self, key: &str, value_yaml: &str) -> Self {
         self.section("cookie", key, value_yaml)
+    }
+
+    /// Set an environment variable of the gateway process (on top of the
+    /// test's own environment).
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
+        self
     }
 
     pub fn keys(self, keys: &[&str]) -> Self {
@@ -122,6 +134,7 @@ impl Gateway {
             .arg(&self.config_path)
             .current_dir(self.dir.path())
             .env_remove("RUST_LOG")
+            .envs(self.builder.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log)
@@ -228,10 +241,16 @@ impl Drop for Gateway {
 /// Run the binary with arguments (for `--test`, `cleanup`), returning
 /// (exit code, stdout, stderr).
 pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
+    run_cli_env(args, cwd, &[])
+}
+
+/// [`run_cli`] with extra environment variables.
+pub fn run_cli_env(args: &[&str], cwd: &Path, env: &[(&str, &str)]) -> (i32, String, String) {
     let out = Command::new(binary())
         .args(args)
         .current_dir(cwd)
         .env_remove("RUST_LOG")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
         .expect("run session-gateway");
@@ -240,4 +259,25 @@ pub fn run_cli(args: &[&str], cwd: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// `--test` on a shipped config (`conf/<name>`) with `edits` applied, each
+/// `(text in the file, replacement)`, and its `${SESSION_SECRET}` filled
+/// in: (exit code, stdout, stderr). Fails if the file no longer contains a
+/// text to replace.
+pub fn check_shipped(name: &str, edits: &[(&str, &str)]) -> (i32, String, String) {
+    let shipped = format!("{}/conf/{name}", env!("CARGO_MANIFEST_DIR"));
+    let mut text = std::fs::read_to_string(&shipped).unwrap();
+    for (from, to) in edits {
+        assert!(
+            text.contains(from),
+            "conf/{name} no longer contains {from:?}"
+        );
+        text = text.replace(from, to);
+    }
+    let text = text.replace("${SESSION_SECRET}", KEY_A);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(name);
+    std::fs::write(&path, text).unwrap();
+    run_cli(&["-c", path.to_str().unwrap(), "--test"], dir.path())
 }

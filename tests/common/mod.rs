@@ -8,6 +8,8 @@ pub mod contract;
 pub mod gateway;
 #[cfg(feature = "memcached")]
 pub mod memcached_server;
+#[cfg(feature = "dynamodb")]
+pub mod moto_server;
 pub mod outage;
 pub mod protocol;
 #[cfg(feature = "redis")]
