@@ -12,6 +12,8 @@
 pub mod cas;
 pub mod filesystem;
 pub mod memory;
+#[cfg(feature = "mongodb")]
+pub mod mongodb;
 pub mod null;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -120,6 +122,7 @@ pub const REGISTRY: &[Entry] = &[
     },
     optional!("redis", redis),
     optional!("sql", sql),
+    optional!("mongodb", mongodb),
 ];
 
 /// The `store:` section, parsed: which backend and its settings.

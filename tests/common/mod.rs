@@ -6,6 +6,8 @@
 
 pub mod contract;
 pub mod gateway;
+#[cfg(feature = "mongodb")]
+pub mod mongodb_server;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
