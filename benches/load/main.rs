@@ -222,9 +222,9 @@ async fn run_one(
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
     let stats = cx.upstream.stats.clone();
-    // A private store server (redis-server) competes for the same CPUs: its
-    // CPU per request is reported too.
-    let store_pid = env._redis.as_ref().map(|r| r.pid());
+    // A private store server (redis-server, SecantusDB) competes for the
+    // same CPUs: its CPU per request is reported too.
+    let store_pid = env.server.as_ref().map(|r| r.pid());
     let sampler = tokio::spawn(async move {
         let me = std::process::id();
         tokio::time::sleep_until(start).await;

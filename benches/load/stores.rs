@@ -1,13 +1,14 @@
 //! The stores the bench can run, and what each needs around it: a private
-//! `redis-server`, a SQLite file, a unique table on the shared PostgreSQL
-//! and MariaDB servers (dropped at the end). `baseline` is the same gateway
+//! `redis-server` or SecantusDB (a MongoDB stand-in, so `mongodb` measures
+//! the gateway plus SecantusDB, not MongoDB), a SQLite file, a unique table
+//! on the shared PostgreSQL and MariaDB servers (dropped at the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
 //! is what every other store is compared with.
 
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "baseline",
     "memory",
     "filesystem",
@@ -15,6 +16,7 @@ pub const ALL: [&str; 7] = [
     "sqlite",
     "postgres",
     "mysql",
+    "mongodb",
 ];
 
 pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
@@ -30,8 +32,9 @@ pub struct StoreEnv {
     pub sessions_off: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
-    /// The private redis-server, if any (killed on drop).
-    pub _redis: Option<Proc>,
+    /// The private store server (redis-server, SecantusDB), if any
+    /// (killed on drop).
+    pub server: Option<Proc>,
 }
 
 /// Set up `name` under `dir`. `run_id` makes table names unique.
@@ -41,7 +44,7 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         yaml,
         sessions_off: false,
         sql_table: None,
-        _redis: None,
+        server: None,
     };
     let sql = |url: &str| {
         let table = format!("sgw_bench_{run_id}");
@@ -67,7 +70,7 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
                 "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
                 redis.port
             ));
-            e._redis = Some(redis);
+            e.server = Some(redis);
             Ok(e)
         }
         "sqlite" => {
@@ -76,6 +79,18 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
             std::fs::write(&file, b"").map_err(|e| e.to_string())?;
             let mut e = sql(&format!("sqlite://{}", file.display()));
             e.sql_table = None; // the file goes with the temp dir
+            Ok(e)
+        }
+        "mongodb" => {
+            let mongo_dir = dir.join("secantus");
+            std::fs::create_dir_all(&mongo_dir).map_err(|e| e.to_string())?;
+            let server = procs::start_secantus(&mongo_dir)?;
+            println!("store mongodb: measured against SecantusDB (a Python MongoDB stand-in), not MongoDB");
+            let mut e = env(format!(
+                "{{type: mongodb, url: \"mongodb://127.0.0.1:{}/\"}}",
+                server.port
+            ));
+            e.server = Some(server);
             Ok(e)
         }
         "postgres" => Ok(sql(POSTGRES_URL)),
