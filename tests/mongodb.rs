@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::gateway::{binary, KEY_A};
+use common::gateway::{binary, run_cli, KEY_A};
 use common::mongodb_server::MongoServer;
 use common::protocol::{get_with_cookie, setup, Browser, Setup};
 use common::StoreFixture;
@@ -445,6 +445,48 @@ async fn gateway_started_before_the_server_connects_later() {
     let r = b.patch("/", json!({"a": 1})).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));
+}
+
+/// Credentials in the URL are used, and `--test` never prints the
+/// password; a wrong one is a store error naming `store.url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_in_url_is_used_and_never_printed() {
+    const PW: &str = "s3cret-mongo-pw";
+    let server = MongoServer::start_with_user("app", PW).await;
+    let url = format!(
+        "mongodb://app:{PW}@127.0.0.1:{}/?authSource=admin",
+        server.port
+    );
+    let s = setup(StoreFixture::new(store_yaml(&url), server), |b| b).await;
+    let b = Browser::new(&s.gw);
+    let r = b.patch("/", json!({"a": 1})).await;
+    assert_eq!(r.status, 200, "{}\n{}", r.text, s.gw.log());
+    assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));
+
+    let (code, out, err) = run_cli(
+        &["-c", s.gw.config_path.to_str().unwrap(), "--test"],
+        s.gw.dir(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("mongodb (mongodb://app:***@127.0.0.1:"),
+        "{out}"
+    );
+    assert!(!out.contains(PW) && !err.contains(PW), "{out}{err}");
+
+    let config = std::fs::read_to_string(&s.gw.config_path)
+        .unwrap()
+        .replace(PW, "wrong-pw");
+    let path = s.gw.dir().join("wrong.yaml");
+    std::fs::write(&path, config).unwrap();
+    let (code, out, err) = run_cli(&["-c", path.to_str().unwrap(), "--test"], s.gw.dir());
+    assert_eq!(code, 1, "{out}{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(err.starts_with("error: store.url: store error:"), "{err}");
+    assert!(
+        !out.contains("wrong-pw") && !err.contains("wrong-pw"),
+        "{out}{err}"
+    );
 }
 
 /// Run `--test` on a config file.

@@ -183,13 +183,19 @@ impl MongoConfig {
                 // The driver's message may quote the URL: mask what looks
                 // like a password before anything is shown.
                 let guess = userinfo_password(&keys.url).into_iter().collect::<Vec<_>>();
+                let mut text = scrub(&message(&e), &guess);
+                if text.contains("feature") {
+                    // Its advice to enable a cargo feature is for the
+                    // driver's users, not the gateway's.
+                    text.push_str("; this build of session-gateway does not support it");
+                }
                 return Err(ConfigError::new(
                     "store.url",
                     format!(
                         "not a valid MongoDB connection string ({}); expected \
                          mongodb://[user:password@]host[:port][,host2…][/authdb][?options] \
                          or mongodb+srv://…",
-                        scrub(&message(&e), &guess)
+                        text
                     ),
                 ));
             }

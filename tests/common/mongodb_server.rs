@@ -46,6 +46,11 @@ impl MongoServer {
                     .arg("--storage-path")
                     .arg(dir.join("data"))
                     .args(["--log-level", "WARNING"]);
+                // Set by `start_with_user` once the user exists: SecantusDB
+                // has no localhost exception to create the first user.
+                if dir.join("auth").exists() {
+                    cmd.arg("--auth");
+                }
                 cmd
             }),
             // It listens only once its storage is open.
@@ -62,6 +67,36 @@ impl MongoServer {
             port: process.port,
             process,
         }
+    }
+
+    /// A server that requires authentication, with `user` (password
+    /// `password`, `readWrite` on `session_gateway`) in `admin`.
+    pub async fn start_with_user(user: &str, password: &str) -> MongoServer {
+        let mut server = Self::start();
+        let admin = server.client().await.database("admin");
+        admin
+            .run_command(doc! {
+                "createUser": user,
+                "pwd": password,
+                "roles": [{"role": "readWrite", "db": "session_gateway"}],
+            })
+            .await
+            .unwrap();
+        // With `writeConcern: {j: true}` on createUser itself the user was
+        // still lost to the kill below; a journaled write after it flushes
+        // SecantusDB's log, user included.
+        admin
+            .run_command(doc! {
+                "insert": "sgw_fixture",
+                "documents": [{}],
+                "writeConcern": {"w": "majority", "j": true},
+            })
+            .await
+            .unwrap();
+        server.stop();
+        std::fs::write(server.dir().join("auth"), "").unwrap();
+        server.start_again();
+        server
     }
 
     /// `mongodb://127.0.0.1:<port>/`.
