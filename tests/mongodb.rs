@@ -15,6 +15,8 @@ use common::mongodb_server::MongoServer;
 use common::protocol::{get_with_cookie, setup, Browser, Setup};
 use common::StoreFixture;
 use mongodb::bson::{doc, spec::BinarySubtype, Bson, DateTime, Document};
+use mongodb::options::IndexOptions;
+use mongodb::{Collection, IndexModel};
 use serde_json::json;
 use session_gateway::session::{SessionRecord, SessionStore, Update, UpdateOutcome};
 use std::process::{Command, Stdio};
@@ -94,6 +96,25 @@ async fn ttl_index(server: &MongoServer, db: &str, coll: &str) -> Option<Documen
         }
     }
     None
+}
+
+/// `expires_ttl` on `{expires: 1}`, made by hand as an operator would.
+async fn create_expires_index(server: &MongoServer, expire_after: Duration) {
+    let index = IndexModel::builder()
+        .keys(doc! {"expires": 1})
+        .options(
+            IndexOptions::builder()
+                .name("expires_ttl".to_string())
+                .expire_after(expire_after)
+                .build(),
+        )
+        .build();
+    let coll = server
+        .client()
+        .await
+        .database(DB)
+        .collection::<Document>(COLL);
+    coll.create_index(index).await.unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -241,38 +262,57 @@ async fn expiry_is_checked_at_read_time() {
     assert_eq!(ids.len(), 1, "the new session stays: {ids:?}");
 }
 
-/// A patch that arrives after the session was destroyed is dropped: no
-/// document comes back.
+/// Run `op` on the sessions collection from another thread, with a
+/// runtime and client of its own, and wait for it: update functions are
+/// synchronous, and this is how a test acts between an update's read and
+/// its write, as another gateway would.
+fn meanwhile<F, Fut>(url: &str, op: F)
+where
+    F: FnOnce(Collection<Document>) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let url = url.to_string();
+    std::thread::spawn(move || {
+        tokio::runtime::Runtime::new()
+            .unwrap()
+            .block_on(async move {
+                let client = mongodb::Client::with_uri_str(url).await.unwrap();
+                op(client.database(DB).collection(COLL)).await
+            })
+    })
+    .join()
+    .unwrap();
+}
+
+/// The session is destroyed between a patch's read and its write: the
+/// write matches no document and nothing comes back (a late refresh
+/// neither).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn late_patch_after_destroy_leaves_no_document() {
-    let s = setup(fixture().await, |b| b).await;
-    let b = Browser::new(&s.gw);
-    b.patch("/", json!({"a": 1})).await;
-    let cookie = b.cookie().unwrap();
-    let slow = {
-        let url = s.gw.url("/");
-        let cookie = cookie.clone();
-        tokio::spawn(async move {
-            reqwest::Client::new()
-                .get(url)
-                .header("cookie", format!("session={cookie}"))
-                .header("x-delay-ms", "800")
-                .header("x-reply-x-session-patch", r#"{"late":1}"#)
-                .send()
-                .await
-                .unwrap()
-                .status()
-                .as_u16()
+async fn destroy_between_read_and_write_is_not_undone() {
+    let server = MongoServer::start();
+    let store = common::open_store(&store_yaml(&server.url())).await;
+    let ttl = Duration::from_secs(600);
+    let value = record(json!({"a": 1})).encode();
+    assert!(store.create("gone", &value, ttl).await.unwrap());
+    let url = server.url();
+    let calls = AtomicUsize::new(0);
+    let out = store
+        .update("gone", ttl, &|current| {
+            if calls.fetch_add(1, Ordering::SeqCst) == 0 {
+                meanwhile(&url, |coll| async move {
+                    coll.delete_one(doc! {"_id": "gone"}).await.unwrap();
+                });
+            }
+            Ok(Update::Write(bytes::Bytes::copy_from_slice(current)))
         })
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let r = b.get("/", &[("x-reply-x-session-action", "destroy")]).await;
-    assert_eq!(r.status, 200);
-    assert!(documents(&s).await.is_empty());
-    assert_eq!(slow.await.unwrap(), 200);
+        .await
+        .unwrap();
+    assert_eq!(out, UpdateOutcome::Missing);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert!(!store.touch("gone", ttl).await.unwrap());
     assert!(
-        documents(&s).await.is_empty(),
-        "the late patch revived the session"
+        server.documents(DB, COLL).await.is_empty(),
+        "the late write revived the session"
     );
 }
 
@@ -298,30 +338,14 @@ async fn update_conflict_is_detected_and_retried() {
         .update("race", Duration::from_secs(600), &|current| {
             let mut r = SessionRecord::from_stored(current).unwrap();
             if calls.fetch_add(1, Ordering::SeqCst) == 0 {
-                // The update function is synchronous: write from a thread
-                // with a runtime and client of its own, and wait for it.
-                let (url, theirs) = (url.clone(), theirs.clone());
-                std::thread::spawn(move || {
-                    tokio::runtime::Runtime::new().unwrap().block_on(async {
-                        let data = mongodb::bson::Binary {
-                            subtype: BinarySubtype::Generic,
-                            bytes: theirs,
-                        };
-                        mongodb::Client::with_uri_str(url)
-                            .await
-                            .unwrap()
-                            .database(DB)
-                            .collection::<Document>(COLL)
-                            .update_one(
-                                doc! {"_id": "race"},
-                                doc! {"$set": {"data": data}, "$inc": {"v": 1_i64}},
-                            )
-                            .await
-                            .unwrap();
-                    })
-                })
-                .join()
-                .unwrap();
+                let data = mongodb::bson::Binary {
+                    subtype: BinarySubtype::Generic,
+                    bytes: theirs.clone(),
+                };
+                meanwhile(&url, |coll| async move {
+                    let bump = doc! {"$set": {"data": data}, "$inc": {"v": 1_i64}};
+                    coll.update_one(doc! {"_id": "race"}, bump).await.unwrap();
+                });
             }
             r.data.insert("mine".into(), json!(true));
             Ok(Update::Write(r.encode()))
@@ -354,6 +378,20 @@ async fn concurrent_updates_from_several_gateways_lose_nothing() {
     common::contract::concurrent_updates_through(&stores, "shared").await;
 }
 
+/// `n` reads in a row are answered 503 `session store unavailable`, each
+/// within the store timeout but not before `at_least`.
+async fn answers_503_within_timeout(b: &Browser, n: usize, at_least: Duration) {
+    for _ in 0..n {
+        let started = Instant::now();
+        let r = b.get("/", &[]).await;
+        let took = started.elapsed();
+        assert_eq!(r.status, 503, "{}", r.text);
+        assert!(r.text.contains("session store unavailable"), "{}", r.text);
+        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
+        assert!(took >= at_least, "503 after {took:?}, before {at_least:?}");
+    }
+}
+
 /// Kill the server mid-test: requests fail within the timeout (fail_closed:
 /// 503 without contacting the upstream); once it is back on the same port
 /// the gateway carries on without a restart, and the sessions survived.
@@ -366,14 +404,7 @@ async fn outage_answers_503_within_timeout_then_recovers() {
 
     server_mut(&mut s).stop();
     let hits = s.up.hits();
-    for _ in 0..3 {
-        let started = Instant::now();
-        let r = b.get("/", &[]).await;
-        let took = started.elapsed();
-        assert_eq!(r.status, 503, "{}", r.text);
-        assert!(r.text.contains("session store unavailable"), "{}", r.text);
-        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
-    }
+    answers_503_within_timeout(&b, 3, Duration::ZERO).await;
     // A new visitor whose app stores something: the write fails too.
     let r = Browser::new(&s.gw).patch("/", json!({"n": 1})).await;
     assert_eq!(r.status, 503, "{}", r.text);
@@ -408,17 +439,8 @@ async fn frozen_server_answers_503_within_timeout_then_recovers() {
     b.patch("/", json!({"a": 1})).await;
 
     server(&s).pause();
-    for _ in 0..2 {
-        let started = Instant::now();
-        let r = b.get("/", &[]).await;
-        let took = started.elapsed();
-        assert_eq!(r.status, 503, "{}", r.text);
-        assert!(took < TIMEOUT + MARGIN, "503 took {took:?}");
-        assert!(
-            took >= TIMEOUT - Duration::from_millis(50),
-            "503 after {took:?}: should have waited for store.timeout"
-        );
-    }
+    // Nothing fails fast here: each request waits for store.timeout.
+    answers_503_within_timeout(&b, 2, TIMEOUT - Duration::from_millis(50)).await;
     server(&s).resume();
     let r = b.get("/", &[]).await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -563,24 +585,7 @@ async fn missing_index_fails_the_config_test_naming_create_index() {
     );
 
     // The index as the README says to create it by hand.
-    let coll = server
-        .client()
-        .await
-        .database(DB)
-        .collection::<Document>(COLL);
-    coll.create_index(
-        mongodb::IndexModel::builder()
-            .keys(doc! {"expires": 1})
-            .options(
-                mongodb::options::IndexOptions::builder()
-                    .name("expires_ttl".to_string())
-                    .expire_after(Duration::ZERO)
-                    .build(),
-            )
-            .build(),
-    )
-    .await
-    .unwrap();
+    create_expires_index(&server, Duration::ZERO).await;
     let (code, out, err) = check(&config);
     assert_eq!(code, 0, "{out}{err}");
 }
@@ -590,24 +595,7 @@ async fn missing_index_fails_the_config_test_naming_create_index() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn conflicting_index_is_reported_naming_the_collection() {
     let server = MongoServer::start();
-    let coll = server
-        .client()
-        .await
-        .database(DB)
-        .collection::<Document>(COLL);
-    coll.create_index(
-        mongodb::IndexModel::builder()
-            .keys(doc! {"expires": 1})
-            .options(
-                mongodb::options::IndexOptions::builder()
-                    .name("expires_ttl".to_string())
-                    .expire_after(Duration::from_secs(3600))
-                    .build(),
-            )
-            .build(),
-    )
-    .await
-    .unwrap();
+    create_expires_index(&server, Duration::from_secs(3600)).await;
     let dir = tempfile::tempdir().unwrap();
     let (code, out, err) = check(&shipped_config(dir.path(), &server.url(), &[]));
     assert_eq!(code, 1, "{out}{err}");

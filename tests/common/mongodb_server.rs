@@ -25,9 +25,22 @@ pub fn server_bin() -> PathBuf {
     Path::new(&venv).join("bin").join("secantusd-py")
 }
 
-pub struct MongoServer {
-    pub port: u16,
-    process: ServerProcess,
+/// The server process: `stop` kills it (an outage; its data stays in
+/// its directory), `start_again`, `pause`, `resume`, `port`, `log` come
+/// from [`ServerProcess`].
+pub struct MongoServer(ServerProcess);
+
+impl std::ops::Deref for MongoServer {
+    type Target = ServerProcess;
+    fn deref(&self) -> &ServerProcess {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for MongoServer {
+    fn deref_mut(&mut self) -> &mut ServerProcess {
+        &mut self.0
+    }
 }
 
 impl MongoServer {
@@ -63,10 +76,7 @@ impl MongoServer {
             // the next start) and immediate; SIGTERM takes about 4 s.
             stop_signal: libc::SIGKILL,
         });
-        MongoServer {
-            port: process.port,
-            process,
-        }
+        MongoServer(process)
     }
 
     /// A server that requires authentication, with `user` (password
@@ -102,35 +112,6 @@ impl MongoServer {
     /// `mongodb://127.0.0.1:<port>/`.
     pub fn url(&self) -> String {
         format!("mongodb://127.0.0.1:{}/", self.port)
-    }
-
-    pub fn dir(&self) -> &Path {
-        self.process.dir()
-    }
-
-    /// Everything the server logged so far.
-    pub fn log(&self) -> String {
-        self.process.log()
-    }
-
-    /// Kill the server (an outage). Its data stays in its directory.
-    pub fn stop(&mut self) {
-        self.process.kill();
-    }
-
-    /// Start again on the same port and data after [`stop`](Self::stop).
-    pub fn start_again(&mut self) {
-        self.process.start_again();
-    }
-
-    /// Freeze the process (SIGSTOP): connections stay open, nothing answers.
-    pub fn pause(&self) {
-        self.process.pause();
-    }
-
-    /// Thaw a [`pause`](Self::pause)d server (SIGCONT).
-    pub fn resume(&self) {
-        self.process.resume();
     }
 
     /// A driver client for inspecting the server from a test, with short
