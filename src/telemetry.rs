@@ -23,7 +23,7 @@ static GUARD: Mutex<Option<WorkerGuard>> = Mutex::new(None);
 
 /// `RUST_LOG` when set, else the configured level.
 fn filter(level: &str) -> EnvFilter {
-    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level))
+    EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(directives(level)))
 }
 
 /// Install the global subscriber (once; later calls change nothing).
@@ -71,4 +71,30 @@ pub fn set_level(level: &str) {
 /// Write out every queued line (before the process exits).
 pub fn flush() {
     drop(GUARD.lock().unwrap_or_else(|p| p.into_inner()).take());
+}
+
+/// The filter for `log_level`. rustls (through the MongoDB driver, which
+/// turns on its `logging` feature) logs every TLS handshake step at debug:
+/// at `debug` and `trace` it stays at info, so the gateway's own decisions
+/// are readable and a `--test` failure stays one line. `RUST_LOG` can
+/// still ask for it.
+fn directives(level: &str) -> String {
+    match level {
+        "debug" | "trace" => format!("{level},rustls=info"),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_chatter_is_capped_at_info() {
+        assert_eq!(directives("debug"), "debug,rustls=info");
+        assert_eq!(directives("trace"), "trace,rustls=info");
+        // Below info nothing is raised.
+        assert_eq!(directives("warn"), "warn");
+        assert_eq!(directives("off"), "off");
+    }
 }

@@ -222,7 +222,7 @@ async fn run_one(
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
     let stats = cx.upstream.stats.clone();
-    // A private store server (redis-server, memcached, moto_server) competes for the
+    // A private store server (redis-server, memcached, SecantusDB, moto_server) competes for the
     // same CPUs: its CPU per request is reported too.
     let store_pid = env.server.as_ref().map(|r| r.pid());
     let sampler = tokio::spawn(async move {

@@ -1,6 +1,7 @@
 //! Child processes of the bench: the gateway under test (the same binary
 //! users run, built by `cargo bench`) and private store servers
-//! (`redis-server`, `memcached`, moto's `moto_server` for DynamoDB). Every
+//! (`redis-server`, `memcached`, SecantusDB for MongoDB, moto's `moto_server`
+//! for DynamoDB). Every
 //! child is killed on drop and also when the bench process dies
 //! (`PR_SET_PDEATHSIG`), so an interrupted run leaves nothing behind.
 
@@ -237,6 +238,47 @@ fn start_server(
             let _ = child.kill();
             let _ = child.wait();
             Err(format!("{program} {e}:\n{}", tail(&log, 5)))
+        }
+    }
+}
+
+/// A private SecantusDB (`secantusd-py`, a MongoDB wire-compatible server)
+/// on a free port with its data in `dir`, from the Python environment
+/// `./scripts/test` creates (`SGW_TEST_VENV`, default `target/test-venv`).
+pub fn start_secantus(dir: &Path) -> Result<Proc, String> {
+    let venv = std::env::var_os("SGW_TEST_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/test-venv"));
+    let bin = venv.join("bin/secantusd-py");
+    // An explicit empty config: otherwise it reads ./secantusd.toml or
+    // ~/.secantus/secantusd.toml if there is one.
+    let config = dir.join("empty.toml");
+    std::fs::write(&config, "").map_err(|e| e.to_string())?;
+    let port = free_port();
+    let log = dir.join("secantusd.log");
+    let mut child = spawn(
+        Command::new(&bin)
+            .arg("--config")
+            .arg(&config)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .arg("--storage-path")
+            .arg(dir.join("data"))
+            .args(["--log-level", "WARNING"])
+            .current_dir(dir),
+        &log,
+    )
+    .map_err(|e| {
+        format!(
+            "cannot run {} ({e}); ./scripts/test creates that environment (or set SGW_TEST_VENV)",
+            bin.display()
+        )
+    })?;
+    match wait_listening(&mut child, port, Duration::from_secs(20)) {
+        Ok(()) => Ok(Proc { child, port, log }),
+        Err(e) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(format!("secantusd-py {e}:\n{}", tail(&log, 5)))
         }
     }
 }

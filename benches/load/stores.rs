@@ -1,7 +1,8 @@
 //! The stores the bench can run, and what each needs around it: a private
-//! `redis-server`, `memcached` or `moto_server` (a DynamoDB stand-in, so
-//! its numbers measure the gateway plus moto, not DynamoDB), a SQLite file,
-//! a unique table on the shared PostgreSQL and MariaDB servers (dropped at
+//! `redis-server`, `memcached`, SecantusDB (a MongoDB stand-in) or
+//! `moto_server` (a DynamoDB stand-in): `mongodb` and `dynamodb` measure the
+//! gateway plus those servers, not MongoDB or DynamoDB; a SQLite file, a
+//! unique table on the shared PostgreSQL and MariaDB servers (dropped at
 //! the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
 //! is what every other store is compared with.
@@ -9,7 +10,7 @@
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 9] = [
+pub const ALL: [&str; 10] = [
     "baseline",
     "memory",
     "filesystem",
@@ -18,6 +19,7 @@ pub const ALL: [&str; 9] = [
     "sqlite",
     "postgres",
     "mysql",
+    "mongodb",
     "dynamodb",
 ];
 
@@ -34,7 +36,8 @@ pub struct StoreEnv {
     pub sessions_off: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
-    /// The private store server (redis-server, memcached, moto_server), if any
+    /// The private store server (redis-server, memcached, SecantusDB,
+    /// moto_server), if any
     /// (killed on drop).
     pub server: Option<Proc>,
 }
@@ -102,6 +105,18 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
             std::fs::write(&file, b"").map_err(|e| e.to_string())?;
             let mut e = sql(&format!("sqlite://{}", file.display()));
             e.sql_table = None; // the file goes with the temp dir
+            Ok(e)
+        }
+        "mongodb" => {
+            let mongo_dir = dir.join("secantus");
+            std::fs::create_dir_all(&mongo_dir).map_err(|e| e.to_string())?;
+            let server = procs::start_secantus(&mongo_dir)?;
+            println!("store mongodb: measured against SecantusDB (a Python MongoDB stand-in), not MongoDB");
+            let mut e = env(format!(
+                "{{type: mongodb, url: \"mongodb://127.0.0.1:{}/\"}}",
+                server.port
+            ));
+            e.server = Some(server);
             Ok(e)
         }
         "postgres" => Ok(sql(POSTGRES_URL)),

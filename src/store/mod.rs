@@ -16,6 +16,8 @@ pub mod filesystem;
 #[cfg(feature = "memcached")]
 pub mod memcached;
 pub mod memory;
+#[cfg(feature = "mongodb")]
+pub mod mongodb;
 pub mod null;
 #[cfg(feature = "redis")]
 pub mod redis;
@@ -125,6 +127,7 @@ pub const REGISTRY: &[Entry] = &[
     optional!("redis", redis),
     optional!("sql", sql),
     optional!("memcached", memcached),
+    optional!("mongodb", mongodb),
     optional!("dynamodb", dynamodb),
 ];
 

@@ -11,6 +11,8 @@ pub mod memcached_server;
 #[cfg(feature = "dynamodb")]
 pub mod moto_server;
 pub mod outage;
+#[cfg(feature = "mongodb")]
+pub mod mongodb_server;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
