@@ -126,14 +126,7 @@ async fn under_load(gw: &Gateway, load: Duration, fault: impl FnOnce()) -> Arc<T
     let tally = Arc::new(Tally::default());
     let deadline = Instant::now() + load + Duration::from_secs(10);
     let tasks: Vec<_> = (0..CLIENTS)
-        .map(|_| {
-            tokio::spawn(client(
-                gw.url("/"),
-                stop.clone(),
-                tally.clone(),
-                deadline,
-            ))
-        })
+        .map(|_| tokio::spawn(client(gw.url("/"), stop.clone(), tally.clone(), deadline)))
         .collect();
     tokio::time::sleep(Duration::from_millis(700)).await;
     fault();
@@ -160,7 +153,10 @@ async fn under_load(gw: &Gateway, load: Duration, fault: impl FnOnce()) -> Arc<T
             "requests still failed {after:?} after the store was back"
         );
     }
-    assert!(tally.ok.load(Ordering::Relaxed) > CLIENTS as u64 * 5, "too little load");
+    assert!(
+        tally.ok.load(Ordering::Relaxed) > CLIENTS as u64 * 5,
+        "too little load"
+    );
     tally
 }
 
@@ -205,7 +201,10 @@ async fn redis_stopped_and_restarted_under_load() {
         redis.start_again();
     })
     .await;
-    assert!(tally.unavailable.load(Ordering::Relaxed) > 0, "the outage went unnoticed");
+    assert!(
+        tally.unavailable.load(Ordering::Relaxed) > 0,
+        "the outage went unnoticed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -222,7 +221,10 @@ async fn redis_frozen_longer_than_the_timeout_under_load() {
         redis.resume();
     })
     .await;
-    assert!(tally.unavailable.load(Ordering::Relaxed) > 0, "the freeze went unnoticed");
+    assert!(
+        tally.unavailable.load(Ordering::Relaxed) > 0,
+        "the freeze went unnoticed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -243,6 +245,8 @@ async fn redis_cluster_primary_killed_under_load() {
         cluster.wait_ok(Duration::from_secs(20));
     })
     .await;
-    assert!(tally.unavailable.load(Ordering::Relaxed) > 0, "the kill went unnoticed");
+    assert!(
+        tally.unavailable.load(Ordering::Relaxed) > 0,
+        "the kill went unnoticed"
+    );
 }
-

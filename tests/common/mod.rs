@@ -8,11 +8,11 @@ pub mod contract;
 pub mod gateway;
 #[cfg(feature = "memcached")]
 pub mod memcached_server;
+#[cfg(feature = "mongodb")]
+pub mod mongodb_server;
 #[cfg(feature = "dynamodb")]
 pub mod moto_server;
 pub mod outage;
-#[cfg(feature = "mongodb")]
-pub mod mongodb_server;
 pub mod protocol;
 #[cfg(feature = "redis")]
 pub mod redis_server;
