@@ -73,8 +73,8 @@ pub fn flush() {
     drop(GUARD.lock().unwrap_or_else(|p| p.into_inner()).take());
 }
 
-/// The filter for `log_level`. rustls (through the MongoDB driver, which
-/// turns on its `logging` feature) logs every TLS handshake step at debug:
+/// The filter for `log_level`. rustls (a store client dependency turns on
+/// its `logging` feature) logs every TLS handshake step at debug:
 /// at `debug` and `trace` it stays at info, so the gateway's own decisions
 /// are readable and a `--test` failure stays one line. `RUST_LOG` can
 /// still ask for it.

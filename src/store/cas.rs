@@ -1,6 +1,6 @@
 //! Optimistic compare-and-set updates, for backends without a lock the
-//! gateway can hold across read-modify-write (Redis, Memcached, MongoDB,
-//! DynamoDB). A backend says how to read a value with its version and how
+//! gateway can hold across read-modify-write (most networked stores). A
+//! backend says how to read a value with its version and how
 //! to write or delete conditioned on that version ([`CasOps`]); [`Cas`]
 //! runs the loop: read, apply the update function, write if unchanged,
 //! otherwise read again.

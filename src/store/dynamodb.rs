@@ -63,6 +63,13 @@ const VERSION: &str = "v";
 /// DynamoDB's limit on a partition key value.
 const MAX_KEY_BYTES: usize = 2048;
 
+/// DynamoDB's item size limit (400 KB), attribute names and values.
+const MAX_ITEM_BYTES: usize = 409_600;
+
+/// Our attributes besides the key and the value: their names, two
+/// expiries and the version as numbers (at most 21 bytes each).
+const ITEM_ATTRIBUTES_BYTES: usize = 128;
+
 /// How long `create_table` waits for a new table to become ACTIVE (real
 /// DynamoDB: seconds; requests arriving meanwhile fail and retry).
 const TABLE_ACTIVE_WAIT: Duration = Duration::from_secs(60);
@@ -172,6 +179,18 @@ impl DynamoConfig {
                 format!(
                     "store keys would be up to {} bytes; DynamoDB allows {MAX_KEY_BYTES} in a partition key",
                     ctx.max_key_len
+                ),
+            ));
+        }
+        // An item holds the key, the value and a few small attributes; it
+        // may be at most 400 KB (409 600 bytes, attribute names included).
+        let item = ctx.max_key_len + ctx.max_value_len + ITEM_ATTRIBUTES_BYTES;
+        if item > MAX_ITEM_BYTES {
+            return Err(ConfigError::new(
+                "session.max_bytes",
+                format!(
+                    "sessions of up to this size make DynamoDB items of {item} bytes; \
+                     the limit is {MAX_ITEM_BYTES}: lower session.max_bytes"
                 ),
             ));
         }
@@ -915,6 +934,7 @@ mod tests {
             cleanup_interval: Duration::from_secs(300),
             key_prefix: "session:".into(),
             max_key_len: 51,
+            max_value_len: 8193,
         }
     }
 
@@ -987,6 +1007,16 @@ mod tests {
         ctx.max_key_len = MAX_KEY_BYTES + 1;
         let e = DynamoConfig::parse(serde_yaml::from_str("{}").unwrap(), &ctx).unwrap_err();
         assert_eq!(e.key, "session.key_prefix");
+    }
+
+    #[test]
+    fn sessions_must_fit_an_item() {
+        let mut ctx = ctx();
+        ctx.max_value_len = 1 << 20;
+        let e = DynamoConfig::parse(serde_yaml::from_str("{}").unwrap(), &ctx).unwrap_err();
+        assert_eq!(e.key, "session.max_bytes");
+        ctx.max_value_len = 400_000;
+        DynamoConfig::parse(serde_yaml::from_str("{}").unwrap(), &ctx).unwrap();
     }
 
     #[test]

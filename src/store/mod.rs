@@ -47,6 +47,9 @@ pub struct StoreContext {
     pub key_prefix: String,
     /// The longest store key the gateway will use (prefix + encoded id).
     pub max_key_len: usize,
+    /// The longest value the gateway will store (`session.max_bytes`, the
+    /// stored form's flag byte, and the sealing overhead if on).
+    pub max_value_len: usize,
 }
 
 /// A configured backend: everything the gateway needs from it besides the
@@ -250,6 +253,7 @@ mod tests {
             cleanup_interval: Duration::from_secs(300),
             key_prefix: "session:".into(),
             max_key_len: 51,
+            max_value_len: 8193,
         }
     }
 

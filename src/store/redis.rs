@@ -647,7 +647,7 @@ mod tests {
         assert_eq!(err_key("{url: redis+unix:///tmp/redis.sock}"), "store.url");
         assert_eq!(err_key("{url: redis://127.0.0.1:6379/notadb}"), "store.url");
         assert_eq!(
-            err_key("{cluster: [redis://a:7000, memcached://b:7001]}"),
+            err_key("{cluster: [redis://a:7000, http://b:7001]}"),
             "store.cluster[1]"
         );
         assert_eq!(err_key("{cluster: [redis://a:7000/3]}"), "store.cluster[0]");

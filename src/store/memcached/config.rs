@@ -72,6 +72,7 @@ impl MemcachedConfig {
             keys.push(key);
         }
         check_key_prefix(ctx)?;
+        check_value_size(ctx)?;
         Ok(MemcachedConfig {
             servers,
             keys,
@@ -106,6 +107,24 @@ fn check_addr(addr: &str) -> Result<(), String> {
     } else {
         Err(expected())
     }
+}
+
+/// The largest session must fit memcached's default item size (1 MiB),
+/// with the item header and the key; otherwise a write of it would be
+/// refused (and memcached would drop the session it replaces).
+fn check_value_size(ctx: &StoreContext) -> Result<(), ConfigError> {
+    let fits = super::item::max_value_len(ctx.max_key_len);
+    let needs = ctx.max_value_len + super::item::HEADER;
+    if needs > fits {
+        return Err(ConfigError::new(
+            "session.max_bytes",
+            format!(
+                "sessions of up to this size take {needs} bytes in a memcached item; \
+                 the default item size limit (-I 1m) leaves {fits}: lower session.max_bytes"
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Store keys are `session.key_prefix` + the id; memcached refuses longer
@@ -145,6 +164,7 @@ mod tests {
             cleanup_interval: Duration::from_secs(300),
             key_prefix: prefix.into(),
             max_key_len: prefix.len() + 43,
+            max_value_len: 8193,
         }
     }
 
@@ -218,5 +238,15 @@ mod tests {
             assert_eq!(e.key, "session.key_prefix", "{bad:?}");
         }
         assert!(MemcachedConfig::parse(yaml(), &ctx("café:")).is_ok());
+    }
+
+    #[test]
+    fn sessions_must_fit_an_item() {
+        let mut c = ctx("session:");
+        c.max_value_len = 1 << 20;
+        let e = check_value_size(&c).unwrap_err();
+        assert_eq!(e.key, "session.max_bytes");
+        c.max_value_len = 1_000_000;
+        check_value_size(&c).unwrap();
     }
 }
