@@ -15,7 +15,7 @@ mod common;
 
 use common::gateway::{run_cli, Gateway, GatewayBuilder, KEY_A};
 use common::protocol::{get_with_cookie, Browser};
-use common::redis_server::RedisServer;
+use common::redis_server::{make_certs, RedisServer};
 use common::{StoreFixture, Upstream};
 use serde_json::{json, Value};
 use session_gateway::session::{SessionRecord, SessionStore, Update};
@@ -552,4 +552,46 @@ async fn tracking_refused_fails_the_config_test_and_bypasses_the_cache() {
         out.contains("with a near cache of up to 1000 sessions"),
         "{out}"
     );
+}
+
+/// `rediss://` with a private CA and a client certificate: the tracking
+/// connection uses the same TLS settings as the store's connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tracking_works_over_mutual_tls() {
+    let certs = tempfile::tempdir().unwrap();
+    make_certs(certs.path());
+    let p = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
+    let tls_port = common::free_port().to_string();
+    let server = RedisServer::start_with(&[
+        "--tls-port",
+        &tls_port,
+        "--tls-cert-file",
+        &p("server.crt"),
+        "--tls-key-file",
+        &p("server.key"),
+        "--tls-ca-cert-file",
+        &p("ca.crt"),
+        "--tls-auth-clients",
+        "yes",
+    ]);
+    let yaml = format!(
+        "{{type: redis, url: \"rediss://127.0.0.1:{tls_port}/0\", tls_ca_file: \"{}\", \
+         tls_cert_file: \"{}\", tls_key_file: \"{}\", near_cache: {{enabled: true}}}}",
+        p("ca.crt"),
+        p("client.crt"),
+        p("client.key")
+    );
+    let up = Upstream::start().await;
+    let gw = GatewayBuilder::new(up.port, &yaml).start();
+    let user = Browser::new(&gw);
+    assert_eq!(user.patch("/", json!({"over": "tls"})).await.status, 200);
+    let cookie = user.cookie().unwrap();
+    // The plain port shows the server's view: the TLS client is tracked.
+    warm(&server, &gw, &cookie, &json!({"over": "tls"})).await;
+    assert_eq!(tracking_ids(&server).len(), 1);
+    let () = redis(
+        &server,
+        &["SET", &key_of(&cookie), r#"P{"changed":1}"#, "KEEPTTL"],
+    );
+    until_seen(&gw, &cookie, &json!({"changed": 1}), Instant::now()).await;
 }
