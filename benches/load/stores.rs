@@ -7,11 +7,12 @@
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 7] = [
+pub const ALL: [&str; 8] = [
     "baseline",
     "memory",
     "filesystem",
     "redis",
+    "redis-near",
     "sqlite",
     "postgres",
     "mysql",
@@ -59,12 +60,18 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         "memory" => Ok(env("{type: memory}".into())),
         // `dir` is relative to each gateway's own temporary directory.
         "filesystem" => Ok(env("{type: filesystem, dir: ./sessions}".into())),
-        "redis" => {
-            let redis_dir = dir.join("redis");
+        // redis-near: the same with the near cache on (store.near_cache).
+        "redis" | "redis-near" => {
+            let redis_dir = dir.join(name);
             std::fs::create_dir_all(&redis_dir).map_err(|e| e.to_string())?;
             let redis = procs::start_redis(&redis_dir)?;
+            let near = if name == "redis-near" {
+                ", near_cache: {enabled: true}"
+            } else {
+                ""
+            };
             let mut e = env(format!(
-                "{{type: redis, url: \"redis://127.0.0.1:{}\"}}",
+                "{{type: redis, url: \"redis://127.0.0.1:{}\"{near}}}",
                 redis.port
             ));
             e._redis = Some(redis);
