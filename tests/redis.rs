@@ -451,19 +451,7 @@ async fn tls_with_private_ca_and_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
     let p = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
-    let tls_port = common::free_port().to_string();
-    let server = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &p("server.crt"),
-        "--tls-key-file",
-        &p("server.key"),
-        "--tls-ca-cert-file",
-        &p("ca.crt"),
-        "--tls-auth-clients",
-        "yes",
-    ]);
+    let (server, tls_port) = RedisServer::start_tls(certs.path());
     let url = format!("rediss://127.0.0.1:{tls_port}/0");
     let yaml = format!(
         "{{type: redis, url: \"{url}\", tls_ca_file: \"{}\", tls_cert_file: \"{}\", tls_key_file: \"{}\"}}",

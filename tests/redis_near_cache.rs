@@ -166,18 +166,17 @@ async fn reads_of_a_known_session_cost_no_round_trip() {
     );
 }
 
+/// A request through A whose app answers with `header: value`.
+async fn through_a(p: &Pair, cookie: &str, header: &str, value: &str) {
+    let r = get_with_cookie(&p.a, "/", &cookie_header(cookie), &[(header, value)]).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn destroy_through_a_is_seen_by_b() {
     let p = pair(|b| b).await;
     let cookie = shared_session(&p, json!({"user": "ada"})).await;
-    let r = get_with_cookie(
-        &p.a,
-        "/",
-        &cookie_header(&cookie),
-        &[("x-reply-x-session-action", "destroy")],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    through_a(&p, &cookie, "x-reply-x-session-action", "destroy").await;
     let (took, tries) = until_seen(&p.b, &cookie, &json!({}), Instant::now()).await;
     report("destroy through A", took, tries);
 }
@@ -186,14 +185,7 @@ async fn destroy_through_a_is_seen_by_b() {
 async fn patch_through_a_is_seen_by_b() {
     let p = pair(|b| b).await;
     let cookie = shared_session(&p, json!({"user": "ada"})).await;
-    let r = get_with_cookie(
-        &p.a,
-        "/",
-        &cookie_header(&cookie),
-        &[("x-reply-x-session-patch", r#"{"cart":[3]}"#)],
-    )
-    .await;
-    assert_eq!(r.status, 200);
+    through_a(&p, &cookie, "x-reply-x-session-patch", r#"{"cart":[3]}"#).await;
     let want = json!({"user": "ada", "cart": [3]});
     let (took, tries) = until_seen(&p.b, &cookie, &want, Instant::now()).await;
     report("patch through A", took, tries);
@@ -561,19 +553,7 @@ async fn tracking_works_over_mutual_tls() {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
     let p = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
-    let tls_port = common::free_port().to_string();
-    let server = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &p("server.crt"),
-        "--tls-key-file",
-        &p("server.key"),
-        "--tls-ca-cert-file",
-        &p("ca.crt"),
-        "--tls-auth-clients",
-        "yes",
-    ]);
+    let (server, tls_port) = RedisServer::start_tls(certs.path());
     let yaml = format!(
         "{{type: redis, url: \"rediss://127.0.0.1:{tls_port}/0\", tls_ca_file: \"{}\", \
          tls_cert_file: \"{}\", tls_key_file: \"{}\", near_cache: {{enabled: true}}}}",

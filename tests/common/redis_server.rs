@@ -96,6 +96,27 @@ impl RedisServer {
         self.process.start_again();
     }
 
+    /// A server that also listens for TLS on a second port (returned),
+    /// with the certificates [`make_certs`] made in `certs`, and requires
+    /// client certificates there (mutual TLS).
+    pub fn start_tls(certs: &Path) -> (RedisServer, u16) {
+        let p = |f: &str| certs.join(f).to_str().unwrap().to_string();
+        let tls_port = super::free_port();
+        let server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &p("server.crt"),
+            "--tls-key-file",
+            &p("server.key"),
+            "--tls-ca-cert-file",
+            &p("ca.crt"),
+            "--tls-auth-clients",
+            "yes",
+        ]);
+        (server, tls_port)
+    }
+
     /// Freeze the process (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
         self.process.pause();
