@@ -476,13 +476,25 @@ async fn entries_are_bounded_by_max_entries() {
         let stats = store.near_cache_stats().unwrap();
         assert!(stats.entries <= 4, "{stats:?}");
     }
-    // The most recent key is cached; the first ones were evicted.
+    // At most 4 of the 10 are still held (which ones depends on the
+    // shards the keys hash to), the most recently loaded among them: one
+    // pass over all 10, newest first, finds at most 4 in the cache.
     let before = store.near_cache_stats().unwrap();
-    store.load("session:lru:9").await.unwrap().unwrap();
-    store.load("session:lru:0").await.unwrap().unwrap();
+    for i in (0..10).rev() {
+        store
+            .load(&format!("session:lru:{i}"))
+            .await
+            .unwrap()
+            .unwrap();
+        if i == 9 {
+            let s = store.near_cache_stats().unwrap();
+            assert_eq!(s.hits, before.hits + 1, "the newest entry was evicted");
+        }
+    }
     let after = store.near_cache_stats().unwrap();
-    assert_eq!(after.hits, before.hits + 1, "{before:?} -> {after:?}");
-    assert_eq!(after.misses, before.misses + 1, "{before:?} -> {after:?}");
+    assert!(after.hits - before.hits <= 4, "{before:?} -> {after:?}");
+    assert!(after.misses - before.misses >= 6, "{before:?} -> {after:?}");
+    assert!(after.entries <= 4, "{after:?}");
 }
 
 /// A server that refuses `CLIENT TRACKING` (here by ACL; also Redis < 6
