@@ -10,7 +10,7 @@ mod common;
 
 use common::gateway::{binary, run_cli, KEY_A};
 use common::protocol::{get_with_cookie, setup, Browser, Setup};
-use common::redis_server::RedisServer;
+use common::redis_server::{make_certs, RedisServer};
 use common::StoreFixture;
 use serde_json::json;
 use session_gateway::session::{SessionRecord, SessionStore, Update, UpdateOutcome};
@@ -445,80 +445,6 @@ async fn concurrent_updates_from_several_gateways_lose_nothing() {
     common::contract::concurrent_updates_through(&stores, "shared").await;
 }
 
-/// A private CA, a server certificate for 127.0.0.1 and a client
-/// certificate, made with the `openssl` command in `dir`.
-fn make_certs(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let out = Command::new("openssl")
-            .args(args)
-            .current_dir(dir)
-            .output()
-            .expect("the TLS test needs the `openssl` command (apt-get install openssl)");
-        assert!(
-            out.status.success(),
-            "openssl {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    };
-    run(&[
-        "req",
-        "-x509",
-        "-newkey",
-        "rsa:2048",
-        "-nodes",
-        "-keyout",
-        "ca.key",
-        "-out",
-        "ca.crt",
-        "-days",
-        "2",
-        "-subj",
-        "/CN=sgw-test-ca",
-    ]);
-    std::fs::write(
-        dir.join("server.ext"),
-        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
-    )
-    .unwrap();
-    // Extensions make the client certificate X.509 v3 too: rustls refuses
-    // v1 certificates.
-    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
-    for name in ["server", "client"] {
-        run(&[
-            "req",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
-            "-out",
-            &format!("{name}.csr"),
-            "-subj",
-            &format!("/CN=sgw-test-{name}"),
-        ]);
-        let mut args = vec![
-            "x509",
-            "-req",
-            "-in",
-            &*format!("{name}.csr"),
-            "-CA",
-            "ca.crt",
-            "-CAkey",
-            "ca.key",
-            "-CAcreateserial",
-            "-out",
-            &*format!("{name}.crt"),
-            "-days",
-            "2",
-        ]
-        .into_iter()
-        .map(str::to_string)
-        .collect::<Vec<_>>();
-        args.extend(["-extfile".to_string(), format!("{name}.ext")]);
-        run(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    }
-}
-
 /// `rediss://` against a server whose certificate comes from a private CA
 /// and which requires client certificates (mutual TLS).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -526,19 +452,7 @@ async fn tls_with_private_ca_and_client_certificate() {
     let certs = tempfile::tempdir().unwrap();
     make_certs(certs.path());
     let p = |f: &str| certs.path().join(f).to_str().unwrap().to_string();
-    let tls_port = common::free_port().to_string();
-    let server = RedisServer::start_with(&[
-        "--tls-port",
-        &tls_port,
-        "--tls-cert-file",
-        &p("server.crt"),
-        "--tls-key-file",
-        &p("server.key"),
-        "--tls-ca-cert-file",
-        &p("ca.crt"),
-        "--tls-auth-clients",
-        "yes",
-    ]);
+    let (server, tls_port) = RedisServer::start_tls(certs.path());
     let url = format!("rediss://127.0.0.1:{tls_port}/0");
     let yaml = format!(
         "{{type: redis, url: \"{url}\", tls_ca_file: \"{}\", tls_cert_file: \"{}\", tls_key_file: \"{}\"}}",

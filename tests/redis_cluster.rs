@@ -181,3 +181,161 @@ fn url_of_a_cluster_node_fails_the_config_test_with_a_hint() {
     assert!(err.starts_with("error: store.url:"), "{err}");
     assert!(err.contains("store.cluster instead"), "{err}");
 }
+
+/// `store:` YAML with the near cache on, for a cluster.
+fn near_yaml(urls: &[String]) -> String {
+    format!(
+        "{{type: redis, cluster: [{}], timeout: 500ms, near_cache: {{enabled: true, max_entries: 1000}}}}",
+        urls.join(", ")
+    )
+}
+
+/// The same suites with the near cache on (one tracking connection per
+/// node), on the shared cluster.
+mod near_cache {
+    use super::*;
+
+    async fn fixture() -> StoreFixture {
+        StoreFixture::new(near_yaml(shared_cluster()), ())
+    }
+
+    store_suites!(fixture);
+    persistence_suite!(fixture);
+}
+
+fn redis_at<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> T {
+    let mut cmd = redis::cmd(args[0]);
+    for a in &args[1..] {
+        cmd.arg(*a);
+    }
+    cmd.query(&mut connect(port))
+        .unwrap_or_else(|e| panic!("{port} {args:?}: {e}"))
+}
+
+/// Session loads (the load script) run by every node since `reset_stats`.
+fn loads_since_reset(ports: &[u16]) -> u64 {
+    ports
+        .iter()
+        .map(|&port| {
+            let stats: String = redis_at(port, &["INFO", "commandstats"]);
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+                .map(|rest| rest.split(',').next().unwrap().parse::<u64>().unwrap())
+                .unwrap_or(0)
+        })
+        .sum()
+}
+
+fn reset_stats(ports: &[u16]) {
+    for &port in ports {
+        let () = redis_at(port, &["CONFIG", "RESETSTAT"]);
+    }
+}
+
+/// Poll `gw` until it serves `want` for `cookie`, within 100 ms (the
+/// README's bound).
+async fn until_seen(gw: &common::Gateway, cookie: &str, want: &serde_json::Value) {
+    let since = Instant::now();
+    loop {
+        let r = get_with_cookie(gw, "/", &format!("session={cookie}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        if &r.session() == want {
+            return;
+        }
+        assert!(
+            since.elapsed() < Duration::from_millis(100),
+            "still served {} (want {want})",
+            r.session()
+        );
+    }
+}
+
+/// Two gateways on a private cluster with the near cache: every node
+/// tracks both gateways, a change on any node reaches the cache, and a
+/// tracking connection killed on one node never lets B serve a stale
+/// session of that node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn near_cache_tracks_every_node() {
+    let cluster = RedisCluster::start();
+    let ports = cluster.ports();
+    let up = common::Upstream::start().await;
+    let builder = common::GatewayBuilder::new(up.port, &near_yaml(&cluster.urls()));
+    let (a, b) = (builder.start(), builder.start());
+
+    // One session per node at least.
+    let mut by_node: Vec<Option<(String, String)>> = vec![None; ports.len()];
+    for i in 0..60 {
+        if by_node.iter().all(Option::is_some) {
+            break;
+        }
+        let user = Browser::new(&a);
+        assert_eq!(user.patch("/", json!({ "n": i })).await.status, 200);
+        let cookie = user.cookie().unwrap();
+        let key = format!("session:{}", cookie.split('.').next().unwrap());
+        by_node[cluster.node_of(&key)].get_or_insert((cookie, key));
+    }
+    let sessions: Vec<(String, String)> = by_node
+        .into_iter()
+        .map(|s| s.expect("a session on every node"))
+        .collect();
+    let data: Vec<serde_json::Value> = {
+        let mut v = Vec::new();
+        for (cookie, _) in &sessions {
+            let r = get_with_cookie(&a, "/", &format!("session={cookie}"), &[]).await;
+            v.push(r.session());
+        }
+        v
+    };
+
+    // B caches all of them: a round of reads reaches no node.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        reset_stats(&ports);
+        for ((cookie, _), want) in sessions.iter().zip(&data) {
+            let r = get_with_cookie(&b, "/", &format!("session={cookie}"), &[]).await;
+            assert_eq!(&r.session(), want);
+        }
+        if loads_since_reset(&ports) == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "B never served from its cache");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for &port in &ports {
+        let list: String = redis_at(port, &["CLIENT", "LIST"]);
+        let tracking = list
+            .lines()
+            .filter(|l| l.contains(" name=session-gateway-tracking "))
+            .count();
+        assert_eq!(tracking, 2, "node {port}: one per gateway\n{list}");
+    }
+
+    // A direct change on each node reaches B.
+    for (node, (cookie, key)) in sessions.iter().enumerate() {
+        let () = redis_at(
+            ports[node],
+            &["SET", key, &format!(r#"P{{"node":{node}}}"#), "KEEPTTL"],
+        );
+        until_seen(&b, cookie, &json!({ "node": node })).await;
+    }
+
+    // Kill the tracking connections of one node, change its session at
+    // once: the push for it is lost, B must still not serve the old value.
+    let victim = 1;
+    let list: String = redis_at(ports[victim], &["CLIENT", "LIST"]);
+    for line in list
+        .lines()
+        .filter(|l| l.contains(" name=session-gateway-tracking "))
+    {
+        let id = line.split(' ').find_map(|f| f.strip_prefix("id=")).unwrap();
+        let _: i64 = redis_at(ports[victim], &["CLIENT", "KILL", "ID", id]);
+    }
+    let (cookie, key) = &sessions[victim];
+    let () = redis_at(
+        ports[victim],
+        &["SET", key, r#"P{"after":"kill"}"#, "KEEPTTL"],
+    );
+    until_seen(&b, cookie, &json!({"after": "kill"})).await;
+    drop(a);
+}

@@ -37,7 +37,7 @@ impl Default for Options {
         Options {
             stores: list(&crate::stores::ALL),
             scenarios: list(&SCENARIOS),
-            focus_stores: list(&["baseline", "memory", "redis"]),
+            focus_stores: list(&["baseline", "memory", "redis", "redis-near"]),
             rate: None,
             duration: Duration::from_secs(4),
             warmup: Duration::from_secs(1),
@@ -105,7 +105,11 @@ struct Args {
     #[arg(long, value_delimiter = ',')]
     scenarios: Option<Vec<String>>,
     /// Stores that also run read-rate and read-c256
-    #[arg(long, value_delimiter = ',', default_value = "baseline,memory,redis")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "baseline,memory,redis,redis-near"
+    )]
     focus_stores: Vec<String>,
     /// Req/s of read-rate [default: half the baseline's read req/s in this
     /// run, or 5000 without one]

@@ -333,7 +333,7 @@ pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
         all.iter()
             .find(|r| r.store == store && r.scenario == scenario)
     };
-    for (store, min) in [("memory", 0.90), ("redis", 0.85)] {
+    for (store, min) in [("memory", 0.90), ("redis", 0.85), ("redis-near", 0.90)] {
         let name = format!("{store} read req/s >= {:.0}% of baseline", min * 100.0);
         t.push(match find(store, "read").and_then(|r| r.rps_ratio) {
             Some(ratio) => Target {

@@ -10,11 +10,12 @@
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 10] = [
+pub const ALL: [&str; 11] = [
     "baseline",
     "memory",
     "filesystem",
     "redis",
+    "redis-near",
     "memcached",
     "sqlite",
     "postgres",
@@ -80,6 +81,12 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
         "filesystem" => Ok(env("{type: filesystem, dir: ./sessions}".into())),
         "redis" => with_server(procs::start_redis, |port| {
             format!("{{type: redis, url: \"redis://127.0.0.1:{port}\"}}")
+        }),
+        // The same with the near cache on (store.near_cache).
+        "redis-near" => with_server(procs::start_redis, |port| {
+            format!(
+                "{{type: redis, url: \"redis://127.0.0.1:{port}\", near_cache: {{enabled: true}}}}"
+            )
         }),
         "memcached" => with_server(procs::start_memcached, |port| {
             format!("{{type: memcached, servers: [127.0.0.1:{port}]}}")

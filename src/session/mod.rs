@@ -12,4 +12,6 @@ pub mod store;
 
 pub use id::{CookieVerifier, SessionId};
 pub use record::{merge_patch, SessionRecord, StoredSession};
-pub use store::{decide, Loaded, SessionStore, Step, StoreError, Update, UpdateFn, UpdateOutcome};
+pub use store::{
+    decide, Loaded, NearCacheStats, SessionStore, Step, StoreError, Update, UpdateFn, UpdateOutcome,
+};

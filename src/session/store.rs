@@ -99,6 +99,30 @@ pub fn decide(current: Option<&[u8]>, f: &UpdateFn<'_>) -> Result<Step, StoreErr
     })
 }
 
+/// Counters of a store's near cache: an in-process copy of recently read
+/// sessions that answers reads without a round trip (the Redis store's
+/// `store.near_cache`). A snapshot; the counters only grow, except
+/// `entries` and `live`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NearCacheStats {
+    /// Loads answered from the cache.
+    pub hits: u64,
+    /// Loads that went to the store (not cached, expired, or the cache
+    /// bypassed while `live` is false).
+    pub misses: u64,
+    /// Sessions held now (at most the configured maximum).
+    pub entries: u64,
+    /// Entries dropped because the store said (or this process knew) that
+    /// they changed.
+    pub invalidations: u64,
+    /// Times the whole cache was emptied (invalidation channel lost, store
+    /// flushed).
+    pub flushes: u64,
+    /// The store's change notifications are known to arrive, so entries
+    /// are served; `false` means every load goes to the store.
+    pub live: bool,
+}
+
 #[async_trait]
 pub trait SessionStore: Send + Sync + 'static {
     /// The live entry under `key`, or `None` if there is none or it expired.
@@ -136,4 +160,11 @@ pub trait SessionStore: Send + Sync + 'static {
     /// Check that the store is reachable and usable (used by `--test` and
     /// at start-up).
     async fn check(&self) -> Result<(), StoreError>;
+
+    /// The counters of the store's near cache, for metrics; `None` (the
+    /// default) for stores without one or with it disabled. Cheap enough
+    /// to call on every metrics scrape, not meant for every request.
+    fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        None
+    }
 }

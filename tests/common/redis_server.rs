@@ -2,7 +2,8 @@
 //! loopback port in a temp dir (no persistence), killed on drop, that a
 //! test can stop and start again on the same port or freeze (SIGSTOP); and
 //! a three-node Redis Cluster built from such servers with `redis-cli
-//! --cluster create`. The machine's own Redis (6379) is never touched.
+//! --cluster create`; and TLS material for `rediss://` tests
+//! ([`make_certs`]). The machine's own Redis (6379) is never touched.
 //!
 //! Binaries come from `REDIS_SERVER_BIN` / `REDIS_CLI_BIN` (default
 //! `redis-server` / `redis-cli` on PATH); processes are
@@ -95,6 +96,27 @@ impl RedisServer {
         self.process.start_again();
     }
 
+    /// A server that also listens for TLS on a second port (returned),
+    /// with the certificates [`make_certs`] made in `certs`, and requires
+    /// client certificates there (mutual TLS).
+    pub fn start_tls(certs: &Path) -> (RedisServer, u16) {
+        let p = |f: &str| certs.join(f).to_str().unwrap().to_string();
+        let tls_port = super::free_port();
+        let server = RedisServer::start_with(&[
+            "--tls-port",
+            &tls_port.to_string(),
+            "--tls-cert-file",
+            &p("server.crt"),
+            "--tls-key-file",
+            &p("server.key"),
+            "--tls-ca-cert-file",
+            &p("ca.crt"),
+            "--tls-auth-clients",
+            "yes",
+        ]);
+        (server, tls_port)
+    }
+
     /// Freeze the process (SIGSTOP): connections stay open, nothing answers.
     pub fn pause(&self) {
         self.process.pause();
@@ -135,6 +157,80 @@ fn ping(port: u16) -> bool {
         && s.read(&mut buf)
             .is_ok_and(|n| n > 0 && matches!(buf[0], b'+' | b'-'))
         && !buf.starts_with(b"-LOADING")
+}
+
+/// A private CA, a server certificate for 127.0.0.1 and a client
+/// certificate, made with the `openssl` command in `dir`.
+pub fn make_certs(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("the TLS test needs the `openssl` command (apt-get install openssl)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.crt",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=sgw-test-ca",
+    ]);
+    std::fs::write(
+        dir.join("server.ext"),
+        "subjectAltName=IP:127.0.0.1,DNS:localhost\n",
+    )
+    .unwrap();
+    // Extensions make the client certificate X.509 v3 too: rustls refuses
+    // v1 certificates.
+    std::fs::write(dir.join("client.ext"), "extendedKeyUsage=clientAuth\n").unwrap();
+    for name in ["server", "client"] {
+        run(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.csr"),
+            "-subj",
+            &format!("/CN=sgw-test-{name}"),
+        ]);
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &*format!("{name}.csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            &*format!("{name}.crt"),
+            "-days",
+            "2",
+        ]
+        .into_iter()
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+        args.extend(["-extfile".to_string(), format!("{name}.ext")]);
+        run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    }
 }
 
 // ----------------------------------------------------------------- cluster

@@ -16,13 +16,21 @@
 //!   ([`ConnectionManager`] standalone, [`ClusterConnection`] on a
 //!   cluster); a failed first connection is an error the store handle does
 //!   not cache, so the gateway recovers once Redis is back.
+//! - With `near_cache` enabled, loads are answered from an in-process copy
+//!   ([`near_cache`]) kept coherent by Redis' invalidation pushes
+//!   ([`tracking`]); every write through this store also drops its key
+//!   from the copy before returning, so this process reads its own writes.
+
+mod near_cache;
+mod tracking;
 
 use super::cas::{Cas, CasOps};
 use super::{StoreContext, StoreSpec};
-use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::session::{Loaded, NearCacheStats, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
 use bytes::Bytes;
+use near_cache::{Fetched, Lookup, NearCache};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
@@ -30,8 +38,12 @@ use redis::{Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, Valu
 use serde::Deserialize;
 use serde_yaml::Value as Yaml;
 use std::fmt;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::oneshot;
+pub use tracking::CLIENT_NAME as TRACKING_CLIENT_NAME;
 
 /// Bound on establishing one connection (TCP, TLS, AUTH, SELECT). The
 /// engine's `store.timeout` is usually shorter and wins on the request
@@ -73,7 +85,23 @@ pub struct RedisConfig {
     /// PEM material for `rediss://` beyond the public roots (private CA,
     /// client certificate for mutual TLS), read at config time.
     tls: Option<redis::TlsCertificates>,
+    /// `near_cache.max_entries` when the near cache is enabled.
+    near_cache: Option<NonZeroUsize>,
+    /// `session.key_prefix`: the near cache is told about changes of keys
+    /// under it only (empty: every key).
+    key_prefix: String,
+    /// How long the first load waits for tracking to come up (see
+    /// [`Near::start`]).
+    first_round_wait: Duration,
 }
+
+/// `store.near_cache.max_entries` when not given.
+pub const NEAR_CACHE_DEFAULT_ENTRIES: usize = 100_000;
+/// Longest wait of the first load for the near cache's tracking to come
+/// up (a quarter of `store.timeout` if that is less): long enough for a
+/// healthy Redis (a few round trips), short enough that a tracking
+/// connection that hangs costs the request little. Later loads never wait.
+const FIRST_ROUND_WAIT: Duration = Duration::from_millis(100);
 
 #[derive(Clone)]
 enum Target {
@@ -105,6 +133,18 @@ struct RawConfig {
     tls_cert_file: Option<std::path::PathBuf>,
     #[serde(default)]
     tls_key_file: Option<std::path::PathBuf>,
+    #[serde(default)]
+    near_cache: Option<RawNearCache>,
+}
+
+/// `store.near_cache`: off unless `enabled: true`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNearCache {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    max_entries: Option<u64>,
 }
 
 /// Read one PEM file named by `key`, refusing anything that is not PEM.
@@ -123,21 +163,21 @@ fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
 /// Manual so that a `{:?}` of the config never prints a password.
 impl fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("RedisConfig");
         match &self.target {
-            Target::Single { shown, .. } => {
-                f.debug_struct("RedisConfig").field("url", shown).finish()
-            }
-            Target::Cluster { shown, .. } => f
-                .debug_struct("RedisConfig")
-                .field("cluster", shown)
-                .finish(),
-        }
+            Target::Single { shown, .. } => d.field("url", shown),
+            Target::Cluster { shown, .. } => d.field("cluster", shown),
+        };
+        d.field("near_cache", &self.near_cache).finish()
     }
 }
 
 /// The registry's entry point: `store.type: redis`.
-pub fn parse(keys: Yaml, _: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
-    Ok(Arc::new(RedisConfig::parse(keys)?))
+pub fn parse(keys: Yaml, ctx: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
+    let mut config = RedisConfig::parse(keys)?;
+    config.key_prefix = ctx.key_prefix.clone();
+    config.first_round_wait = FIRST_ROUND_WAIT.min(ctx.timeout / 4);
+    Ok(Arc::new(config))
 }
 
 #[async_trait]
@@ -157,10 +197,25 @@ impl StoreSpec for RedisConfig {
 
 impl RedisConfig {
     /// Parse the keys of `store:` other than `type` and the common ones:
-    /// exactly one of `url` and `cluster`.
+    /// exactly one of `url` and `cluster`. (The near cache then tracks
+    /// every key; the registry's [`parse`] narrows it to
+    /// `session.key_prefix`.)
     pub fn parse(rest: Yaml) -> Result<Self, ConfigError> {
         let raw: RawConfig = deserialize_at(rest, "store")?;
         let tls = Self::parse_tls(&raw)?;
+        let near_cache = match &raw.near_cache {
+            Some(nc) => {
+                let n = nc.max_entries.unwrap_or(NEAR_CACHE_DEFAULT_ENTRIES as u64);
+                let n = usize::try_from(n)
+                    .ok()
+                    .and_then(NonZeroUsize::new)
+                    .ok_or_else(|| {
+                        ConfigError::new("store.near_cache.max_entries", "must be at least 1")
+                    })?;
+                nc.enabled.then_some(n)
+            }
+            None => None,
+        };
         let target = match (raw.url, raw.cluster) {
             (Some(_), Some(_)) => {
                 return Err(ConfigError::new(
@@ -228,7 +283,13 @@ impl RedisConfig {
                 return Err(ConfigError::new(key, "only used with rediss:// (TLS) URLs"));
             }
         }
-        Ok(RedisConfig { target, tls })
+        Ok(RedisConfig {
+            target,
+            tls,
+            near_cache,
+            key_prefix: String::new(),
+            first_round_wait: FIRST_ROUND_WAIT,
+        })
     }
 
     fn parse_tls(raw: &RawConfig) -> Result<Option<redis::TlsCertificates>, ConfigError> {
@@ -273,7 +334,7 @@ impl RedisConfig {
 
     /// One line for `--test`, passwords masked.
     pub fn describe(&self) -> String {
-        match &self.target {
+        let target = match &self.target {
             Target::Single { shown, .. } => format!("redis ({shown})"),
             Target::Cluster { shown, .. } => {
                 format!(
@@ -282,6 +343,10 @@ impl RedisConfig {
                     shown.join(", ")
                 )
             }
+        };
+        match self.near_cache {
+            Some(n) => format!("{target} with a near cache of up to {n} sessions"),
+            None => target,
         }
     }
 }
@@ -342,13 +407,110 @@ pub struct RedisStore {
     load_sha: String,
     cas_sha: String,
     cas: Cas,
+    near: Option<Near>,
+}
+
+/// The near cache of a store and its tracker.
+struct Near {
+    cache: Arc<NearCache>,
+    /// The tracker until the first load (or check) starts it on the
+    /// caller's runtime: a store opened only for background purging never
+    /// opens tracking connections.
+    tracker: Mutex<Option<(tracking::Tracker, oneshot::Receiver<()>)>>,
+    started: AtomicBool,
+    status: Arc<tracking::Status>,
+    first_round_wait: Duration,
+    /// Only keys under the tracked prefix may be cached: Redis tells us
+    /// nothing about the others.
+    prefix: String,
+    /// Dropped with the store, which ends the tracker.
+    _stop: oneshot::Sender<()>,
+}
+
+impl Near {
+    fn new(max_entries: NonZeroUsize, nodes: tracking::Nodes, config: &RedisConfig) -> Near {
+        let cache = Arc::new(NearCache::new(max_entries));
+        let status = Arc::new(tracking::Status::default());
+        let (stop, stopped) = oneshot::channel();
+        let tracker = tracking::Tracker {
+            cache: cache.clone(),
+            nodes,
+            tls: config.tls.clone(),
+            prefix: config.key_prefix.clone(),
+            status: status.clone(),
+            quiet: false,
+        };
+        Near {
+            cache,
+            tracker: Mutex::new(Some((tracker, stopped))),
+            started: AtomicBool::new(false),
+            status,
+            first_round_wait: config.first_round_wait,
+            prefix: config.key_prefix.clone(),
+            _stop: stop,
+        }
+    }
+
+    /// Start tracking on the caller's runtime if nobody did yet; the
+    /// caller that starts it waits (briefly) for the first round, so a
+    /// gateway's cache works from its first requests on and tests see it
+    /// at once. Everyone else is served by Redis until tracking is live.
+    async fn start(&self) {
+        self.start_with(false).await
+    }
+
+    /// `quiet`: the starter reports a failure of the first round itself
+    /// (`--test`), so the tracker does not log it too.
+    async fn start_with(&self, quiet: bool) {
+        if self.started.load(Ordering::Acquire) {
+            return;
+        }
+        let taken = self
+            .tracker
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some((mut tracker, stopped)) = taken {
+            tracker.quiet = quiet;
+            self.started.store(true, Ordering::Release);
+            tokio::spawn(tracker.run(stopped));
+            let _ = self.first_round(self.first_round_wait).await;
+        }
+    }
+
+    /// Wait up to `limit` for tracking to be live; else the last round's
+    /// error (or a timeout).
+    async fn first_round(&self, limit: Duration) -> Result<(), StoreError> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if self.cache.is_live() {
+                return Ok(());
+            }
+            if let Some(e) = self.status.error() {
+                return Err(e);
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(
+                    "redis near cache: invalidation tracking not established in time".into(),
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    /// For `--test`: tracking must come up.
+    async fn check(&self) -> Result<(), StoreError> {
+        self.start_with(true).await;
+        self.first_round(CONNECT_TIMEOUT + tracking::HEARTBEAT_TIMEOUT)
+            .await
+    }
 }
 
 impl RedisStore {
     /// Connect (standalone or cluster). Fails fast when Redis is down: the
     /// caller retries on its next use instead of caching the failure.
     pub async fn connect(config: &RedisConfig) -> Result<RedisStore, StoreError> {
-        let conn = match &config.target {
+        let (conn, nodes) = match &config.target {
             Target::Single { url, .. } => {
                 let client = match &config.tls {
                     Some(certs) => redis::Client::build_with_tls(url.as_str(), certs.clone()),
@@ -363,11 +525,12 @@ impl RedisStore {
                     .set_number_of_retries(0)
                     .set_connection_timeout(CONNECT_TIMEOUT)
                     .set_response_timeout(RESPONSE_TIMEOUT);
-                Conn::Single(Box::new(
-                    ConnectionManager::new_with_config(client, manager_config)
-                        .await
-                        .map_err(map_err)?,
-                ))
+                let manager = ConnectionManager::new_with_config(client, manager_config)
+                    .await
+                    .map_err(map_err)?;
+                let nodes =
+                    tracking::Nodes::Single(url.as_str().into_connection_info().map_err(map_err)?);
+                (Conn::Single(Box::new(manager)), nodes)
             }
             Target::Cluster { urls, .. } => {
                 // Few, short retries: they cover MOVED/ASK redirections and
@@ -386,15 +549,45 @@ impl RedisStore {
                     .max_retry_wait(100)
                     .build()
                     .map_err(map_err)?;
-                Conn::Cluster(client.get_async_connection().await.map_err(map_err)?)
+                let conn = client.get_async_connection().await.map_err(map_err)?;
+                let nodes = tracking::Nodes::Cluster {
+                    template: urls[0].as_str().into_connection_info().map_err(map_err)?,
+                    conn: conn.clone(),
+                };
+                (Conn::Cluster(conn), nodes)
             }
         };
+        let near = config
+            .near_cache
+            .map(|max_entries| Near::new(max_entries, nodes, config));
         Ok(RedisStore {
             conn,
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
             cas_sha: redis::Script::new(CAS_LUA).get_hash().to_string(),
             cas: Cas::default(),
+            near,
         })
+    }
+
+    /// Drop `key` from the near cache after this process changed it, so
+    /// its next read here sees the change even before Redis' push arrives.
+    fn forget(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.cache.invalidate(key);
+        }
+    }
+
+    /// The value and remaining TTL of `key`, from Redis.
+    async fn fetch(&self, key: &str) -> Result<Option<(Bytes, Duration)>, StoreError> {
+        let found: Option<(Vec<u8>, i64)> = self.eval(&self.load_sha, LOAD_LUA, key, &[]).await?;
+        // -1 (no TTL) is never written by us; report it as expiring now so
+        // the engine's next refresh puts a TTL back on it.
+        Ok(found.map(|(bytes, pttl)| {
+            (
+                Bytes::from(bytes),
+                Duration::from_millis(u64::try_from(pttl).unwrap_or(0)),
+            )
+        }))
     }
 
     async fn query<T: FromRedisValue>(&self, cmd: &Cmd) -> Result<T, StoreError> {
@@ -546,16 +739,34 @@ fn map_err(e: RedisError) -> StoreError {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let found: Option<(Vec<u8>, i64)> = self.eval(&self.load_sha, LOAD_LUA, key, &[]).await?;
-        let Some((bytes, pttl)) = found else {
-            return Ok(None);
+        let ticket = match &self.near {
+            Some(near) if key.starts_with(&near.prefix) => {
+                near.start().await;
+                match near.cache.lookup(key) {
+                    Lookup::Hit(loaded) => return Ok(Some(loaded)),
+                    Lookup::Miss(ticket) => ticket,
+                }
+            }
+            _ => None,
         };
-        // -1 (no TTL) is never written by us; report it as expiring now so
-        // the engine's next refresh puts a TTL back on it.
-        let remaining = Duration::from_millis(u64::try_from(pttl).unwrap_or(0));
-        Ok(Some(Loaded {
-            value: Bytes::from(bytes),
-            expires_at: SystemTime::now() + remaining,
+        // Taken before sending: the expiry it gives is never later than
+        // the server's.
+        let sent = Fetched {
+            sent: Instant::now(),
+            sent_wall: SystemTime::now(),
+        };
+        let found = self.fetch(key).await;
+        if let (Some(near), Some(ticket)) = (&self.near, ticket) {
+            match &found {
+                Ok(Some((value, pttl))) if !pttl.is_zero() => {
+                    near.cache.fill(key, ticket, value.clone(), sent, *pttl)
+                }
+                _ => near.cache.cancel(key, ticket),
+            }
+        }
+        Ok(found?.map(|(value, pttl)| Loaded {
+            value,
+            expires_at: sent.sent_wall + pttl,
         }))
     }
 
@@ -566,8 +777,9 @@ impl SessionStore for RedisStore {
             .arg("NX")
             .arg("PX")
             .arg(ttl_ms(ttl));
-        let reply: Value = self.query(&cmd).await?;
-        Ok(!matches!(reply, Value::Nil))
+        let reply: Result<Value, _> = self.query(&cmd).await;
+        self.forget(key);
+        Ok(!matches!(reply?, Value::Nil))
     }
 
     async fn update(
@@ -576,20 +788,26 @@ impl SessionStore for RedisStore {
         ttl: Duration,
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
-        self.cas.update(self, key, ttl, f).await
+        let outcome = self.cas.update(self, key, ttl, f).await;
+        self.forget(key);
+        outcome
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        let _: i64 = self.query(redis::cmd("DEL").arg(key)).await?;
-        Ok(())
+        let deleted: Result<i64, _> = self.query(redis::cmd("DEL").arg(key)).await;
+        self.forget(key);
+        deleted.map(|_| ())
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         // PEXPIRE only acts on an existing key: it can never revive one.
-        let set: i64 = self
+        // Dropping the entry (rather than moving its expiry) keeps the rule
+        // simple: an entry only ever carries an expiry Redis reported.
+        let set: Result<i64, _> = self
             .query(redis::cmd("PEXPIRE").arg(key).arg(ttl_ms(ttl)))
-            .await?;
-        Ok(set == 1)
+            .await;
+        self.forget(key);
+        Ok(set? == 1)
     }
 
     async fn check(&self) -> Result<(), StoreError> {
@@ -606,7 +824,14 @@ impl SessionStore for RedisStore {
                 ));
             }
         }
+        if let Some(near) = &self.near {
+            near.check().await?;
+        }
         Ok(())
+    }
+
+    fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.near.as_ref().map(|n| n.cache.stats())
     }
 }
 
@@ -659,6 +884,56 @@ mod tests {
         let e = parse("{url: redis://127.0.0.1:6379, pool: 3}").unwrap_err();
         assert_eq!(e.key, "store.pool");
         assert!(e.message.contains("unknown key"), "{e}");
+    }
+
+    #[test]
+    fn near_cache_keys() {
+        let url = "url: redis://127.0.0.1:6379/0";
+        assert_eq!(parse(&format!("{{{url}}}")).unwrap().near_cache, None);
+        assert_eq!(
+            parse(&format!("{{{url}, near_cache: {{max_entries: 5}}}}"))
+                .unwrap()
+                .near_cache,
+            None,
+            "off unless enabled"
+        );
+        let c = parse(&format!("{{{url}, near_cache: {{enabled: true}}}}")).unwrap();
+        assert_eq!(
+            c.near_cache.map(NonZeroUsize::get),
+            Some(NEAR_CACHE_DEFAULT_ENTRIES)
+        );
+        assert!(c.describe().contains("near cache of up to 100000"), "{c:?}");
+        let c = parse(&format!(
+            "{{{url}, near_cache: {{enabled: true, max_entries: 7}}}}"
+        ))
+        .unwrap();
+        assert_eq!(c.near_cache.map(NonZeroUsize::get), Some(7));
+        let c = parse("{cluster: [redis://a:7000], near_cache: {enabled: true}}").unwrap();
+        assert!(c.near_cache.is_some());
+        assert_eq!(
+            err_key(&format!(
+                "{{{url}, near_cache: {{enabled: true, max_entries: 0}}}}"
+            )),
+            "store.near_cache.max_entries"
+        );
+        assert_eq!(
+            err_key(&format!("{{{url}, near_cache: {{max_entries: -1}}}}")),
+            "store.near_cache.max_entries"
+        );
+        assert_eq!(
+            err_key(&format!(
+                "{{{url}, near_cache: {{enabled: true, size: 3}}}}"
+            )),
+            "store.near_cache.size"
+        );
+        assert_eq!(
+            err_key(&format!("{{{url}, near_cache: {{enabled: maybe}}}}")),
+            "store.near_cache.enabled"
+        );
+        assert_eq!(
+            err_key(&format!("{{{url}, near_cache: true}}")),
+            "store.near_cache"
+        );
     }
 
     #[test]
