@@ -335,6 +335,41 @@ impl RedisCluster {
         }
     }
 
+    /// Wait until node `i` (restarted) serves its own slots again: no node
+    /// flags any peer as failing, and a write of a key it owns, sent to it
+    /// directly, succeeds (no MOVED, no CLUSTERDOWN, no LOADING).
+    pub fn wait_node_serving(&self, i: usize, limit: Duration) {
+        let ports = self.ports();
+        let key = (0..10_000)
+            .map(|n| format!("probe:{n}"))
+            .find(|k| node_of(&ports, k) == i)
+            .expect("some key maps to every node");
+        let deadline = Instant::now() + limit;
+        loop {
+            let flagged = self.nodes.iter().filter(|n| n.is_running()).any(|n| {
+                let nodes: String = redis::cmd("CLUSTER")
+                    .arg("NODES")
+                    .query(&mut n.client())
+                    .unwrap_or_default();
+                nodes.contains("fail")
+            });
+            let served = !flagged
+                && redis::cmd("SET")
+                    .arg(&key)
+                    .arg("1")
+                    .query::<()>(&mut self.nodes[i].client())
+                    .is_ok();
+            if served {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "node {i} did not serve its slots within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn urls(&self) -> Vec<String> {
         self.nodes
             .iter()
