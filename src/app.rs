@@ -150,13 +150,21 @@ fn one_shot_runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start a runtime: {e}"))
 }
 
-/// `--test` / `check`: connect to the store and describe what would run.
-pub fn check(config: &Config) -> Result<String, String> {
+/// `--test` / `check`: connect to the store (unless `connect` is false:
+/// `--no-connect`) and describe what would run.
+pub fn check(config: &Config, connect: bool) -> Result<String, String> {
     let store = StoreHandle::new(&config.store.backend).map_err(|e| e.to_string())?;
     let key = store.primary_key();
     // Connecting may take longer than one request's budget (TLS, a pool's
     // first connection), so --test waits at least 5s.
     let budget = config.store.timeout.max(Duration::from_secs(5));
+    if connect {
+        check_store(&store, key, budget)?;
+    }
+    Ok(describe(config, connect))
+}
+
+fn check_store(store: &StoreHandle, key: &str, budget: Duration) -> Result<(), String> {
     one_shot_runtime()?.block_on(async {
         let result = tokio::time::timeout(budget, async { store.get().await?.check().await }).await;
         match result {
@@ -164,14 +172,18 @@ pub fn check(config: &Config) -> Result<String, String> {
             Ok(Err(e)) => Err(format!("{key}: {e}")),
             Err(_) => Err(format!("{key}: store did not answer within {budget:?}")),
         }
-    })?;
+    })
+}
+
+/// The `--test` summary.
+fn describe(config: &Config, connected: bool) -> String {
     let c = &config.cookie;
     let s = &config.session;
-    Ok(format!(
+    format!(
         "configuration OK\n\
          listen:    {}\n\
          upstream:  {} ({})\n\
-         store:     {} (reachable)\n\
+         store:     {} ({})\n\
          cookie:    {}; Path={}{}{}{}; SameSite={:?}\n\
          sessions:  {}, lifetime {:?}, refresh_each_request {}, expiry update interval {:?}, max {} bytes, {:?}\n\
          keys:      {} secret key(s){}\n\
@@ -180,6 +192,7 @@ pub fn check(config: &Config) -> Result<String, String> {
         config.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
         if config.upstreams.len() > 1 { "round-robin" } else { "single" },
         config.store.backend.spec.describe(),
+        if connected { "reachable" } else { "not contacted: --no-connect" },
         c.name,
         c.path,
         c.domain.as_ref().map(|d| format!("; Domain={d}")).unwrap_or_default(),
@@ -199,7 +212,7 @@ pub fn check(config: &Config) -> Result<String, String> {
             .map(|p| format!(" (incl. {})", p.display()))
             .unwrap_or_default(),
         s.exclude,
-    ))
+    )
 }
 
 /// `cleanup`: purge expired sessions once (for cron) and report how many.

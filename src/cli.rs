@@ -22,6 +22,11 @@ pub struct Cli {
     #[arg(short = 't', long = "test")]
     pub test: bool,
 
+    /// With --test/check: validate the configuration only, without
+    /// connecting to the store (e.g. in a build pipeline).
+    #[arg(long = "no-connect")]
+    pub no_connect: bool,
+
     /// Also serve the bundled demo app on the first upstream address.
     #[arg(long)]
     pub demo: bool,
@@ -73,7 +78,7 @@ fn run_cli() -> i32 {
         _ => Command::Run,
     };
     match command {
-        Command::Check => match crate::app::check(&config) {
+        Command::Check => match crate::app::check(&config, !cli.no_connect) {
             Ok(summary) => {
                 println!("{summary}");
                 0
