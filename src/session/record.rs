@@ -35,18 +35,21 @@ pub struct StoredSession {
 }
 
 impl StoredSession {
-    /// Check a stored value. The current form costs one scan over its
-    /// bytes (flag, braces, printable ASCII); the legacy form is parsed and
-    /// converted. Anything else is an error, which callers treat as "no
-    /// session" (logged): corrupt data must not lock a user out.
+    /// Check a stored value. The current form costs a scan over its bytes
+    /// (flag, braces, printable ASCII) and a validating pass of the JSON
+    /// that builds nothing; the legacy form is parsed and converted.
+    /// Anything else is an error, which callers treat as "no session"
+    /// (logged): corrupt data must not lock a user out, nor reach the app
+    /// as an `X-Session` that is not JSON.
     pub fn decode(stored: Bytes) -> Result<StoredSession, String> {
         match stored.first() {
             Some(&(PERMANENT | TRANSIENT)) => {
-                if is_header_json(&stored[1..]) {
-                    Ok(StoredSession { bytes: stored })
-                } else {
-                    Err("stored session is not printable ASCII JSON".into())
+                if !is_header_json(&stored[1..]) {
+                    return Err("stored session is not printable ASCII JSON".into());
                 }
+                serde_json::from_slice::<Valid>(&stored[1..])
+                    .map_err(|e| format!("stored session is not valid JSON: {e}"))?;
+                Ok(StoredSession { bytes: stored })
             }
             Some(b'{') => {
                 let record: SessionRecord = serde_json::from_slice(&stored)
@@ -92,6 +95,53 @@ fn is_header_json(h: &[u8]) -> bool {
         // No early exit, so the check compiles to a vectorized scan.
         && h.iter()
             .fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b))
+}
+
+/// JSON that would parse as session data, checked without building it:
+/// strings are read (escapes and surrogate pairs checked) but not kept,
+/// numbers parsed (out-of-range ones refused), containers walked. Accepts
+/// exactly what [`SessionRecord::from_stored`] parses, at a fraction of
+/// its cost (no allocation for strings without escapes).
+struct Valid;
+
+impl<'de> Deserialize<'de> for Valid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Valid)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Valid {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_entry::<Valid, Valid>()?.is_some() {}
+        Ok(Valid)
+    }
 }
 
 impl SessionRecord {
@@ -363,6 +413,14 @@ mod tests {
             b"P{",
             b"Pnot json",
             b"T{\"a\":\"\xc3\xa9\"}",
+            // Found by fuzzing: braces around printable ASCII passed the
+            // scan and were served to the app as X-Session.
+            b"P{x}",
+            br#"P{"cart":[3]t":[3],"user":"ada"}"#,
+            br#"T{"a":1}{"b":2}"#,
+            br#"P{"lone":"\ud800"}"#,
+            br#"P{"big":1e400}"#,
+            br#"P{"a":[1,]}"#,
         ] {
             assert!(
                 StoredSession::decode(Bytes::copy_from_slice(bad)).is_err(),
