@@ -46,13 +46,16 @@ fn setup() {
     });
 }
 
-/// Does the top-level mapping set `secret_key_file`, in any spelling YAML
-/// allows for the key?
+/// Could this set `secret_key_file`? A top-level mapping (tagged or not)
+/// with that key in any spelling YAML allows, or a top-level sequence long
+/// enough to reach it (serde also fills a struct from a sequence, field by
+/// field).
 fn sets_secret_key_file(text: &str) -> bool {
-    match serde_yaml::from_str::<serde_yaml::Value>(text) {
+    match serde_yaml::from_str::<serde_yaml::Value>(text).map(serde_yaml::Value::untag) {
         Ok(serde_yaml::Value::Mapping(map)) => map.keys().any(|k| {
             serde_yaml::to_string(k).is_ok_and(|s| s.contains("secret_key_file"))
         }),
+        Ok(serde_yaml::Value::Sequence(items)) => items.len() >= 4,
         _ => false,
     }
 }
