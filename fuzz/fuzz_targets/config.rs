@@ -14,6 +14,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use serde_yaml::Value;
 use session_gateway::config::{Config, SameSite};
 use std::sync::Once;
 
@@ -51,11 +52,17 @@ fn setup() {
 /// enough to reach it (serde also fills a struct from a sequence, field by
 /// field).
 fn sets_secret_key_file(text: &str) -> bool {
-    match serde_yaml::from_str::<serde_yaml::Value>(text).map(serde_yaml::Value::untag) {
-        Ok(serde_yaml::Value::Mapping(map)) => map.keys().any(|k| {
-            serde_yaml::to_string(k).is_ok_and(|s| s.contains("secret_key_file"))
-        }),
-        Ok(serde_yaml::Value::Sequence(items)) => items.len() >= 4,
+    let Ok(mut value) = serde_yaml::from_str::<Value>(text) else {
+        return false;
+    };
+    while let Value::Tagged(tagged) = value {
+        value = tagged.value;
+    }
+    match value {
+        Value::Mapping(map) => map
+            .keys()
+            .any(|k| serde_yaml::to_string(k).is_ok_and(|s| s.contains("secret_key_file"))),
+        Value::Sequence(items) => items.len() >= 4,
         _ => false,
     }
 }
@@ -70,7 +77,10 @@ fuzz_target!(|data: &[u8]| {
     }
     match Config::from_yaml(text) {
         Err(e) => {
-            assert!(!e.message.trim().is_empty(), "error without a message: {e:?}");
+            assert!(
+                !e.message.trim().is_empty(),
+                "error without a message: {e:?}"
+            );
             let shown = e.to_string();
             assert!(shown.starts_with(&e.key), "{shown}");
         }
@@ -86,7 +96,12 @@ fuzz_target!(|data: &[u8]| {
             assert!(!c.cookie.name.is_empty());
             assert!(c.cookie.path.starts_with('/'));
             assert!(c.cookie.secure || c.cookie.same_site != SameSite::None);
-            assert!(c.session.headers.data.to_ascii_lowercase().starts_with("x-"));
+            assert!(c
+                .session
+                .headers
+                .data
+                .to_ascii_lowercase()
+                .starts_with("x-"));
         }
     }
 });

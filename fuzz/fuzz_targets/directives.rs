@@ -13,7 +13,9 @@
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Value};
 use session_gateway::config::HeaderNames;
-use session_gateway::proxy::protocol::{is_protocol_header, object_depth, RawDirectives, MAX_DEPTH};
+use session_gateway::proxy::protocol::{
+    is_protocol_header, object_depth, RawDirectives, MAX_DEPTH,
+};
 use session_gateway::session::{merge_patch, SessionRecord, StoredSession};
 
 /// The map survives header encoding, the app echoing it back, and the
@@ -25,7 +27,10 @@ fn round_trips(names: &HeaderNames, data: &Map<String, Value>) {
         data: data.clone(),
     };
     let header = record.header_value();
-    assert!(header.bytes().all(|b| (0x20..0x7f).contains(&b)), "{header}");
+    assert!(
+        header.bytes().all(|b| (0x20..0x7f).contains(&b)),
+        "{header}"
+    );
     let back: Map<String, Value> = serde_json::from_str(&header).expect("header is JSON");
     assert_eq!(&back, data, "{header}");
 

@@ -33,6 +33,14 @@ fuzz_target!(|data: &[u8]| {
     let prefix = normalize(&format!("/{prefix}"));
     let expected = under_prefix_reference(&path, &prefix);
     let exclude = [prefix];
-    assert_eq!(is_excluded(target, &exclude), expected, "{target:?} {exclude:?}");
-    assert_eq!(is_excluded(&path, &exclude), expected, "{path:?} {exclude:?}");
+    assert_eq!(
+        is_excluded(target, &exclude),
+        expected,
+        "{target:?} {exclude:?}"
+    );
+    assert_eq!(
+        is_excluded(&path, &exclude),
+        expected,
+        "{path:?} {exclude:?}"
+    );
 });

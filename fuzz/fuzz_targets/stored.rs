@@ -25,8 +25,14 @@ fn check_value(value: &[u8]) {
             header.len() >= 2 && header[0] == b'{' && header[header.len() - 1] == b'}',
             "{header:?}"
         );
-        assert!(header.iter().all(|b| (0x20..0x7f).contains(b)), "{header:?}");
-        assert_eq!(stored.bytes()[0], if stored.permanent() { b'P' } else { b'T' });
+        assert!(
+            header.iter().all(|b| (0x20..0x7f).contains(b)),
+            "{header:?}"
+        );
+        assert_eq!(
+            stored.bytes()[0],
+            if stored.permanent() { b'P' } else { b'T' }
+        );
         // Served to the app as X-Session: it must be the JSON of the data.
         let record = stored
             .record()
