@@ -24,14 +24,17 @@ impl Found {
     }
 }
 
+/// The `name=value` pairs of one `Cookie` header. Trimming is ASCII
+/// whitespace only, exactly as [`without`] trims: a name that one of them
+/// read as ours and the other did not would let the session cookie through
+/// to the upstream (`session\x0b=...`, `\u{a0}session=...`).
 fn pairs(header: &[u8]) -> impl Iterator<Item = (&str, &str)> {
     header
         .split(|&b| b == b';')
         .filter_map(|part| std::str::from_utf8(part).ok())
         .filter_map(|part| {
-            let part = part.trim();
             let (name, value) = part.split_once('=')?;
-            Some((name.trim(), value.trim().trim_matches('"')))
+            Some((name.trim_ascii(), value.trim_ascii().trim_matches('"')))
         })
 }
 
@@ -222,6 +225,32 @@ mod tests {
         assert_eq!(find([h3].into_iter(), "session"), Found::Absent);
         let garbage: &[u8] = b"\xff\xfe;;;=;session";
         assert_eq!(find([garbage].into_iter(), "session"), Found::Absent);
+    }
+
+    /// Found by fuzzing: `find` trimmed Unicode whitespace, `without` only
+    /// ASCII, so these were used as the session cookie and also forwarded
+    /// to the upstream.
+    #[test]
+    fn find_and_without_agree_on_names() {
+        for header in [
+            &b"session\x0b=x"[..],
+            "\u{a0}session=x".as_bytes(),
+            "session\u{3000}=x; a=1".as_bytes(),
+            b"\x0csession=x",
+            b" session =x",
+        ] {
+            let found = find([header].into_iter(), "session");
+            let kept = without([header].into_iter(), "session");
+            let leaked = kept
+                .as_deref()
+                .is_some_and(|k| find([k].into_iter(), "session").is_present());
+            assert!(!leaked, "{header:?} reaches the upstream");
+            assert_eq!(
+                found.is_present(),
+                kept.as_deref() != Some(header.trim_ascii()),
+                "{header:?}: found {found:?}, kept {kept:?}"
+            );
+        }
     }
 
     #[test]

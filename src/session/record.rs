@@ -22,7 +22,7 @@ const TRANSIENT: u8 = b'T';
 pub struct SessionRecord {
     #[serde(rename = "p")]
     pub permanent: bool,
-    #[serde(rename = "d")]
+    #[serde(rename = "d", deserialize_with = "plain_object")]
     pub data: Map<String, Value>,
 }
 
@@ -35,18 +35,21 @@ pub struct StoredSession {
 }
 
 impl StoredSession {
-    /// Check a stored value. The current form costs one scan over its
-    /// bytes (flag, braces, printable ASCII); the legacy form is parsed and
-    /// converted. Anything else is an error, which callers treat as "no
-    /// session" (logged): corrupt data must not lock a user out.
+    /// Check a stored value. The current form costs a scan over its bytes
+    /// (flag, braces, printable ASCII) and a validating pass of the JSON
+    /// that builds nothing; the legacy form is parsed and converted.
+    /// Anything else is an error, which callers treat as "no session"
+    /// (logged): corrupt data must not lock a user out, nor reach the app
+    /// as an `X-Session` that is not JSON.
     pub fn decode(stored: Bytes) -> Result<StoredSession, String> {
         match stored.first() {
             Some(&(PERMANENT | TRANSIENT)) => {
-                if is_header_json(&stored[1..]) {
-                    Ok(StoredSession { bytes: stored })
-                } else {
-                    Err("stored session is not printable ASCII JSON".into())
+                if !is_header_json(&stored[1..]) {
+                    return Err("stored session is not printable ASCII JSON".into());
                 }
+                serde_json::from_slice::<Valid>(&stored[1..])
+                    .map_err(|e| format!("stored session is not valid JSON: {e}"))?;
+                Ok(StoredSession { bytes: stored })
             }
             Some(b'{') => {
                 let record: SessionRecord = serde_json::from_slice(&stored)
@@ -94,6 +97,141 @@ fn is_header_json(h: &[u8]) -> bool {
             .fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b))
 }
 
+/// Parse JSON text into a `Value`, every object key taken as plain text.
+///
+/// serde_json's own `Value` deserializer gives one key a meaning when its
+/// `raw_value` feature is on anywhere in the build (a dependency turns it
+/// on): an object whose first key is `$serde_json::private::RawValue` has
+/// its value re-read as JSON text. Found by fuzzing: an app could store
+/// data with that key second, which the gateway writes first (keys are
+/// sorted) and then could not read back. Session data from apps and
+/// stores is parsed here instead.
+pub fn parse_json(json: &[u8]) -> Result<Value, serde_json::Error> {
+    serde_json::from_slice::<Plain>(json).map(|p| p.0)
+}
+
+/// [`parse_json`] for text that must be an object.
+pub fn parse_object(json: &[u8]) -> Result<Map<String, Value>, serde_json::Error> {
+    serde_json::from_slice::<PlainObject>(json).map(|p| p.0)
+}
+
+fn plain_object<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    PlainObject::deserialize(d).map(|p| p.0)
+}
+
+struct Plain(Value);
+
+struct PlainObject(Map<String, Value>);
+
+impl<'de> Deserialize<'de> for Plain {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(PlainVisitor).map(Plain)
+    }
+}
+
+impl<'de> Deserialize<'de> for PlainObject {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        match d.deserialize_map(PlainVisitor)? {
+            Value::Object(map) => Ok(PlainObject(map)),
+            _ => Err(serde::de::Error::custom("expected a JSON object")),
+        }
+    }
+}
+
+struct PlainVisitor;
+
+impl<'de> serde::de::Visitor<'de> for PlainVisitor {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON object")
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+    fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(f)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("number out of range"))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(64));
+        while let Some(Plain(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(Value::Array(items))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = Map::new();
+        while let Some((key, Plain(v))) = map.next_entry::<String, Plain>()? {
+            out.insert(key, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// JSON that would parse as session data, checked without building it:
+/// strings are read (escapes and surrogate pairs checked) but not kept,
+/// numbers parsed (out-of-range ones refused), containers walked. Accepts
+/// exactly what [`SessionRecord::from_stored`] parses, at a fraction of
+/// its cost (no allocation for strings without escapes).
+struct Valid;
+
+impl<'de> Deserialize<'de> for Valid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(Valid)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Valid {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_entry::<Valid, Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+}
+
 impl SessionRecord {
     pub fn new(permanent: bool) -> Self {
         SessionRecord {
@@ -115,7 +253,7 @@ impl SessionRecord {
     pub fn from_stored(bytes: &[u8]) -> Result<Self, String> {
         match bytes.first() {
             Some(&flag @ (PERMANENT | TRANSIENT)) => {
-                let data = serde_json::from_slice(&bytes[1..])
+                let data = parse_object(&bytes[1..])
                     .map_err(|e| format!("stored session does not decode: {e}"))?;
                 Ok(SessionRecord {
                     permanent: flag == PERMANENT,
@@ -363,12 +501,75 @@ mod tests {
             b"P{",
             b"Pnot json",
             b"T{\"a\":\"\xc3\xa9\"}",
+            // Found by fuzzing: braces around printable ASCII passed the
+            // scan and were served to the app as X-Session.
+            b"P{x}",
+            br#"P{"cart":[3]t":[3],"user":"ada"}"#,
+            br#"T{"a":1}{"b":2}"#,
+            br#"P{"lone":"\ud800"}"#,
+            br#"P{"big":1e400}"#,
+            br#"P{"a":[1,]}"#,
         ] {
             assert!(
                 StoredSession::decode(Bytes::copy_from_slice(bad)).is_err(),
                 "{bad:?}"
             );
         }
+    }
+
+    /// Found by the property tests: without serde_json's `float_roundtrip`
+    /// these came back one ULP off after a parse (the app's header, a
+    /// stored value being patched).
+    #[test]
+    fn doubles_come_back_exactly() {
+        for f in [
+            8.461137949850885e54,
+            -3.44354081083241e105,
+            1.4000290037766217e150,
+            -8.69957334476601e-309,
+            0.1,
+            f64::MAX,
+            f64::MIN_POSITIVE,
+            5e-324,
+        ] {
+            let rec = SessionRecord {
+                permanent: true,
+                data: obj(json!({ "f": f })),
+            };
+            let header = rec.header_value();
+            let back: Map<String, Value> = serde_json::from_str(&header).unwrap();
+            assert_eq!(back["f"].as_f64(), Some(f), "{header}");
+            assert_eq!(SessionRecord::from_stored(&rec.encode()).unwrap(), rec);
+        }
+    }
+
+    /// Found by fuzzing: with serde_json's `raw_value` feature on, this
+    /// key as the first of a nested object made the data unreadable once
+    /// the gateway had written it (keys sorted, so first).
+    #[test]
+    fn serde_json_private_key_is_plain_data() {
+        let key = "$serde_json::private::RawValue";
+        let text = format!(r#"{{"a":{{"b":1,"{key}":{{"3":1}}}},"c":{{"{key}":"[1]"}}}}"#);
+        let data = parse_object(text.as_bytes()).unwrap();
+        assert_eq!(data["a"][key], json!({"3": 1}));
+        assert_eq!(data["c"][key], json!("[1]"), "not re-read as JSON");
+        for permanent in [true, false] {
+            let rec = SessionRecord {
+                permanent,
+                data: data.clone(),
+            };
+            let view = StoredSession::decode(rec.encode()).unwrap();
+            assert_eq!(view.record().unwrap(), rec);
+            let legacy = serde_json::to_vec(&rec).unwrap();
+            assert_eq!(SessionRecord::from_stored(&legacy).unwrap(), rec);
+            assert_eq!(parse_object(&view.header()).unwrap(), rec.data);
+        }
+        assert!(parse_object(b"[1]").is_err());
+        assert!(parse_object(br#"{"a":1e400}"#).is_err());
+        assert_eq!(
+            parse_json(b"[null,-1,2.5]").unwrap(),
+            json!([null, -1, 2.5])
+        );
     }
 
     #[test]

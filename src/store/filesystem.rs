@@ -154,6 +154,34 @@ fn to_ms(t: SystemTime) -> u64 {
         .unwrap_or(0)
 }
 
+/// The content of a session file: `SGW1`, the expiry (u64 big-endian, ms
+/// since the epoch), the stored value.
+pub fn encode_file(value: &[u8], expires_at: SystemTime) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(HEADER + value.len());
+    buf.extend_from_slice(MAGIC);
+    buf.extend_from_slice(&to_ms(expires_at).to_be_bytes());
+    buf.extend_from_slice(value);
+    buf
+}
+
+/// The expiry and stored value of a session file's content, whether or not
+/// it has expired; `None` if it is not a session file. Public so the fuzz
+/// target can reach the read path without the directory around it.
+pub fn decode_file(mut bytes: Vec<u8>) -> Option<Loaded> {
+    if bytes.len() < HEADER || &bytes[..4] != MAGIC {
+        return None;
+    }
+    let expires_ms = u64::from_be_bytes(bytes[4..HEADER].try_into().expect("8 bytes"));
+    // Past what SystemTime holds (not on 64-bit Linux, but elsewhere) is
+    // not a file this store wrote.
+    let expires_at = UNIX_EPOCH.checked_add(Duration::from_millis(expires_ms))?;
+    bytes.drain(..HEADER);
+    Some(Loaded {
+        value: Bytes::from(bytes),
+        expires_at,
+    })
+}
+
 fn io_err(e: io::Error) -> StoreError {
     StoreError::backend(format!("filesystem: {e}"))
 }
@@ -175,25 +203,16 @@ impl Inner {
 
     /// Read a file: `Ok(None)` if absent, expired or not a session file.
     fn read(&self, name: &str) -> Result<Option<Loaded>, StoreError> {
-        let mut bytes = match fs::read(self.path(name)) {
+        let bytes = match fs::read(self.path(name)) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(e)),
         };
-        if bytes.len() < HEADER || &bytes[..4] != MAGIC {
+        let Some(loaded) = decode_file(bytes) else {
             tracing::warn!(file = name, "ignoring corrupt session file");
             return Ok(None);
-        }
-        let expires_ms = u64::from_be_bytes(bytes[4..12].try_into().expect("8 bytes"));
-        let expires_at = UNIX_EPOCH + Duration::from_millis(expires_ms);
-        if expires_at <= SystemTime::now() {
-            return Ok(None);
-        }
-        bytes.drain(..HEADER);
-        Ok(Some(Loaded {
-            value: Bytes::from(bytes),
-            expires_at,
-        }))
+        };
+        Ok((loaded.expires_at > SystemTime::now()).then_some(loaded))
     }
 
     /// Atomically replace (or create) a file: temp file + rename.
@@ -207,11 +226,7 @@ impl Inner {
                 .create_new(true)
                 .mode(0o600)
                 .open(&tmp)?;
-            let mut buf = Vec::with_capacity(HEADER + 256);
-            buf.extend_from_slice(MAGIC);
-            buf.extend_from_slice(&to_ms(SystemTime::now() + ttl).to_be_bytes());
-            buf.extend_from_slice(value);
-            file.write_all(&buf)?;
+            file.write_all(&encode_file(value, SystemTime::now() + ttl))?;
             fs::rename(&tmp, self.path(name))
         })();
         if result.is_err() {
@@ -460,6 +475,32 @@ mod tests {
         assert!(n <= 5, "{n} files");
         // The newest (longest-lived) session survived.
         assert!(store.load("k19").await.unwrap().is_some());
+    }
+
+    #[test]
+    fn file_format_round_trips() {
+        let at = UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
+        let file = encode_file(b"P{\"a\":1}", at);
+        assert_eq!(&file[..4], b"SGW1");
+        assert_eq!(&file[4..12], &1_700_000_000_123u64.to_be_bytes());
+        let loaded = decode_file(file).unwrap();
+        assert_eq!(&loaded.value[..], b"P{\"a\":1}");
+        assert_eq!(loaded.expires_at, at);
+        // An empty value is still a file (the engine judges the value).
+        assert_eq!(&decode_file(encode_file(b"", at)).unwrap().value[..], b"");
+        for bad in [
+            &b""[..],
+            b"SGW1",
+            b"SGW1\0\0\0\0\0\0\0",
+            b"SGW2\0\0\0\0\0\0\0\0P{}",
+        ] {
+            assert!(decode_file(bad.to_vec()).is_none(), "{bad:?}");
+        }
+        let far = decode_file(encode_file(
+            b"P{}",
+            UNIX_EPOCH + Duration::from_millis(u64::MAX),
+        ));
+        assert!(far.is_none_or(|l| l.expires_at > SystemTime::now()));
     }
 
     #[tokio::test]
