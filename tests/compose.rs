@@ -82,7 +82,10 @@ fn every_store_has_a_profile_with_a_gateway_and_its_server() {
             "profile {store} has no gateway: {members:?}"
         );
         if store != "filesystem" {
-            assert!(members.len() >= 2, "profile {store} has no store server: {members:?}");
+            assert!(
+                members.len() >= 2,
+                "profile {store} has no store server: {members:?}"
+            );
         }
     }
     // The example apps: Python always, Node and Go by profile.
@@ -151,7 +154,9 @@ fn every_gateway_config_exists_and_passes_test() {
         }
         let upstream = env.iter_mut().find(|(k, _)| k == "APP_UPSTREAM").unwrap();
         for service_name in &names {
-            upstream.1 = upstream.1.replace(&format!("{service_name}:"), "127.0.0.1:");
+            upstream.1 = upstream
+                .1
+                .replace(&format!("{service_name}:"), "127.0.0.1:");
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("gateway.yaml");
