@@ -1,15 +1,18 @@
-//! Wiring: config -> store -> proxy runtime -> pingora server (proxy,
-//! admin listener, purge, SIGHUP reload), plus the one-shot commands
-//! (`check`, `cleanup`).
+//! Wiring: config -> store -> proxy runtime -> pingora server (proxy
+//! listeners, plain and TLS, admin listener, upstream health checks, purge,
+//! SIGHUP reload), plus the one-shot commands (`check`, `cleanup`).
 
 use crate::admin::AdminApp;
 use crate::config::Config;
 use crate::drain::DrainOnSignal;
+use crate::proxy::upstream::HealthChecker;
 use crate::proxy::{Runtime, SessionProxy};
 use crate::reload::Reloader;
 use crate::store::StoreHandle;
+use crate::tls::ReloadableCert;
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
+use pingora::listeners::tls::TlsSettings;
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server, ShutdownWatch};
 use pingora::services::background::{background_service, BackgroundService};
@@ -44,10 +47,29 @@ pub fn run(config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Stri
         SessionProxy::new(current.clone()),
         "session-gateway",
     );
-    for addr in &config.listen {
-        proxy.add_tcp(addr);
+    let mut certs = Vec::new();
+    for listener in &config.listen {
+        match &listener.tls {
+            None => proxy.add_tcp(&listener.addr),
+            Some(tls) => {
+                let resolver = Arc::new(ReloadableCert::new(tls.key.clone()));
+                // The paths stay empty: with a resolver, pingora's rustls
+                // listener never reads files (and cannot panic on them).
+                let mut settings = TlsSettings::intermediate("", "").map_err(|e| e.to_string())?;
+                settings.set_cert_resolver(resolver.clone());
+                settings.enable_h2();
+                proxy.add_tls_with_settings(&listener.addr, None, settings);
+                certs.push((listener.clone(), resolver));
+            }
+        }
     }
     server.add_service(proxy);
+    server.add_service(background_service(
+        "upstream health checks",
+        HealthChecker {
+            current: current.clone(),
+        },
+    ));
 
     if let Some(admin) = &config.admin {
         let mut service = pingora::services::listening::Service::new(
@@ -69,6 +91,7 @@ pub fn run(config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Stri
             started: config.clone(),
             current,
             store: store.clone(),
+            certs,
         },
     ));
 
@@ -83,7 +106,13 @@ pub fn run(config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Stri
     }
 
     if demo {
-        let addr = config.upstreams[0].to_string();
+        if config.upstreams[0].tls {
+            return Err(format!(
+                "upstream: --demo serves plain HTTP on the first upstream, which is {}",
+                config.upstreams[0]
+            ));
+        }
+        let addr = config.upstreams[0].addr.to_string();
         let mut app = pingora::services::listening::Service::new(
             "demo upstream".to_string(),
             crate::demo::DemoApp {
@@ -95,15 +124,15 @@ pub fn run(config: Config, path: Option<PathBuf>, demo: bool) -> Result<(), Stri
         tracing::info!("demo upstream serving on http://{addr}");
     }
 
-    for addr in &config.listen {
+    for listener in &config.listen {
         tracing::info!(
-            "session-gateway listening on http://{addr} -> {} (store: {})",
-            config
-                .upstreams
-                .iter()
-                .map(|u| u.to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            "session-gateway listening on {listener}{} -> {} (store: {})",
+            if listener.tls.is_some() {
+                " (HTTP/2 and HTTP/1.1)"
+            } else {
+                ""
+            },
+            join(&config.upstreams),
             config.store.backend.kind
         );
     }
@@ -141,6 +170,15 @@ impl BackgroundService for Purger {
             }
         }
     }
+}
+
+/// `a, b, c` of anything displayable.
+pub(crate) fn join<T: std::fmt::Display>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(|i| i.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn one_shot_runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -188,9 +226,17 @@ fn describe(config: &Config, connected: bool) -> String {
          sessions:  {}, lifetime {:?}, refresh_each_request {}, expiry update interval {:?}, max {} bytes, {:?}\n\
          keys:      {} secret key(s){}\n\
          exclude:   {:?}",
-        config.listen.join(", "),
-        config.upstreams.iter().map(|u| u.to_string()).collect::<Vec<_>>().join(", "),
-        if config.upstreams.len() > 1 { "round-robin" } else { "single" },
+        join(&config.listen),
+        join(&config.upstreams),
+        match (config.upstreams.len(), &config.server.upstream_health_check) {
+            (1, _) => "single".to_string(),
+            (_, None) => "round-robin".to_string(),
+            (_, Some(h)) => format!(
+                "round-robin, health check every {:?}: {}",
+                h.interval,
+                h.path.as_ref().map_or("TCP connect".to_string(), |p| format!("GET {p}"))
+            ),
+        },
         config.store.backend.spec.describe(),
         if connected { "reachable" } else { "not contacted: --no-connect" },
         c.name,

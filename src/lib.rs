@@ -13,4 +13,5 @@ pub mod reload;
 pub mod session;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod yaml;

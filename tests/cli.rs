@@ -13,6 +13,18 @@ fn check(yaml: &str) -> (i32, String, String) {
     run_cli(&["-c", path.to_str().unwrap(), "--test"], dir.path())
 }
 
+/// `--test` refuses `yaml` with one line that names `key` first.
+fn assert_refused_naming(yaml: &str, key: &str) {
+    let (code, out, err) = check(yaml);
+    assert_ne!(code, 0, "accepted:\n{yaml}\n{out}");
+    let line = err.trim();
+    assert_eq!(line.lines().count(), 1, "expected one line, got:\n{err}");
+    assert!(
+        line.starts_with(&format!("error: {key}:")),
+        "error for {key} should name it first; got: {line}\n---\n{yaml}"
+    );
+}
+
 fn base(extra: &str) -> String {
     format!(
         "listen: 127.0.0.1:6188\nupstream: 127.0.0.1:8000\nsecret_keys: [\"{KEY_A}\"]\nstore: {{type: memory}}\n{extra}"
@@ -136,14 +148,126 @@ fn every_config_error_names_its_key() {
         ),
     ];
     for (yaml, key) in cases {
-        let (code, out, err) = check(&yaml);
-        assert_ne!(code, 0, "accepted:\n{yaml}\n{out}");
-        let line = err.trim();
-        assert_eq!(line.lines().count(), 1, "expected one line, got:\n{err}");
-        assert!(
-            line.starts_with(&format!("error: {key}:")),
-            "error for {key} should name it first; got: {line}\n---\n{yaml}"
-        );
+        assert_refused_naming(&yaml, key);
+    }
+}
+
+/// `base` with `listen` replaced.
+fn with_listen(listen: &str, extra: &str) -> String {
+    base(extra).replace("listen: 127.0.0.1:6188", &format!("listen: {listen}"))
+}
+
+#[test]
+fn tls_listeners_upstream_urls_and_health_checks() {
+    let ca = common::tls::TestCa::new();
+    let leaf = ca.issue(&["DNS:localhost"]);
+    let other = ca.issue(&["DNS:localhost"]);
+    let tls = |cert: &std::path::Path, key: &std::path::Path| {
+        format!(
+            "[127.0.0.1:6188, {{addr: 127.0.0.1:6443, tls: {{cert_file: '{}', key_file: '{}'}}}}]",
+            cert.display(),
+            key.display()
+        )
+    };
+    let garbage = ca.dir().join("garbage.pem");
+    std::fs::write(&garbage, "not PEM at all\n").unwrap();
+    let ca_file = ca.cert().display().to_string();
+
+    let valid = [
+        with_listen(&tls(&leaf.cert, &leaf.key), ""),
+        base("").replace(
+            "upstream: 127.0.0.1:8000",
+            "upstream: [\"https://localhost:8443\", \"http://127.0.0.1:8000/\", 127.0.0.1:8001]",
+        ),
+        base(&format!("server: {{upstream_ca_file: '{ca_file}'}}")),
+        base("server: {upstream_health_check: null}"),
+        base("server: {upstream_health_check: {interval: 1s, path: /healthz, timeout: 500ms}}"),
+    ];
+    for yaml in &valid {
+        let (code, out, err) = check(yaml);
+        assert_eq!(code, 0, "{yaml}\n{out}{err}");
+    }
+    let (_, out, _) = check(&valid[0]);
+    assert!(out.contains("https://127.0.0.1:6443"), "{out}");
+
+    let refused: Vec<(String, &str)> = vec![
+        (
+            with_listen(&tls(&ca.dir().join("missing.pem"), &leaf.key), ""),
+            "listen[1].tls.cert_file",
+        ),
+        (
+            with_listen(&tls(&garbage, &leaf.key), ""),
+            "listen[1].tls.cert_file",
+        ),
+        (
+            with_listen(&tls(&leaf.cert, &garbage), ""),
+            "listen[1].tls.key_file",
+        ),
+        // A key that is not the certificate's.
+        (
+            with_listen(&tls(&leaf.cert, &other.key), ""),
+            "listen[1].tls.key_file",
+        ),
+        (
+            with_listen(
+                "{addr: 127.0.0.1:6443, tls: {cert_file: a, key_file: b, ciphers: all}}",
+                "",
+            ),
+            "listen.tls.ciphers",
+        ),
+        (
+            with_listen("[{adress: 127.0.0.1:1}]", ""),
+            "listen[0].adress",
+        ),
+        (
+            with_listen("[{addr: 127.0.0.1:1, tls: {cert_file: a}}]", ""),
+            "listen[0].tls.key_file",
+        ),
+        (with_listen("[{addr: nowhere}]", ""), "listen[0].addr"),
+        (
+            base("").replace("upstream: 127.0.0.1:8000", "upstream: ftp://127.0.0.1:21"),
+            "upstream",
+        ),
+        (
+            base("").replace(
+                "upstream: 127.0.0.1:8000",
+                "upstream: [127.0.0.1:8000, \"https://127.0.0.1:8443/app\"]",
+            ),
+            "upstream[1]",
+        ),
+        (
+            base("").replace(
+                "upstream: 127.0.0.1:8000",
+                "upstream: [127.0.0.1:8000, \"http://127.0.0.1:8000\"]",
+            ),
+            "upstream[1]",
+        ),
+        (
+            base("server: {upstream_ca_file: /nonexistent/ca.pem}"),
+            "server.upstream_ca_file",
+        ),
+        (
+            base(&format!(
+                "server: {{upstream_ca_file: '{}'}}",
+                garbage.display()
+            )),
+            "server.upstream_ca_file",
+        ),
+        (
+            base("server: {upstream_health_check: {interval: 0}}"),
+            "server.upstream_health_check.interval",
+        ),
+        (
+            base("server: {upstream_health_check: {path: healthz}}"),
+            "server.upstream_health_check.path",
+        ),
+        (
+            base("server: {upstream_health_check: {every: 5s}}"),
+            "server.upstream_health_check.every",
+        ),
+    ];
+    for (yaml, key) in refused {
+        assert_refused_naming(&yaml, key);
     }
 }
 

@@ -1,12 +1,14 @@
 //! The gateway as an edge proxy, independent of the store (memory):
 //! responses the upstream cuts off mid-body reach the client as transport
 //! errors, never as complete responses; forwarding headers cannot be
-//! forged by clients, and are extended for trusted proxies.
+//! forged by clients, and are extended for trusted proxies; with several
+//! upstreams, health checks take a stopped one out of rotation and put it
+//! back when it returns, also across a reload. (TLS: tests/tls.rs.)
 
 mod common;
 
 use common::gateway::GatewayBuilder;
-use common::protocol::Browser;
+use common::protocol::{served_by, Browser};
 use common::Upstream;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,5 +198,107 @@ async fn trusted_proxies_extend_the_forwarded_chain() {
     assert_eq!(
         r.upstream_header("x-forwarded-host").as_deref(),
         Some("www.example")
+    );
+}
+
+fn upstream_list(ups: &[&Upstream]) -> String {
+    let list: Vec<String> = ups
+        .iter()
+        .map(|u| format!("\"127.0.0.1:{}\"", u.port))
+        .collect();
+    format!("[{}]", list.join(", "))
+}
+
+/// Longer than a few check intervals (200 ms), for a busy machine.
+const SETTLE: Duration = Duration::from_millis(800);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_upstream_leaves_rotation_and_rejoins() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let gw = GatewayBuilder::new(a.port, STORE)
+        .set("upstream", &upstream_list(&[&a, &b]))
+        .section("server", "upstream_health_check", "{interval: 200ms}")
+        .start();
+    let ports = served_by(&gw, 6).await;
+    assert!(
+        ports.contains(&a.port) && ports.contains(&b.port),
+        "{ports:?}"
+    );
+
+    // A stops: after the check, every request goes to B and succeeds.
+    a.stop();
+    tokio::time::sleep(SETTLE).await;
+    let ports = served_by(&gw, 30).await;
+    assert!(ports.iter().all(|&p| p == b.port), "{ports:?}");
+    gw.wait_log_line(|l| {
+        l.contains(&format!(
+            "upstream[0] http://127.0.0.1:{} becomes unhealthy",
+            a.port
+        ))
+    });
+
+    // A is back: it gets requests again.
+    a.start_again().await;
+    tokio::time::sleep(SETTLE).await;
+    let ports = served_by(&gw, 10).await;
+    assert!(ports.contains(&a.port), "{ports:?}");
+
+    // Both down: a request still tries one (a plain 502, not a hang), and
+    // the first upstream to return is used at once.
+    a.stop();
+    b.stop();
+    tokio::time::sleep(SETTLE).await;
+    let r = Browser::new(&gw).get("/", &[]).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert!(r.text.contains("upstream unavailable"), "{}", r.text);
+    b.start_again().await;
+    tokio::time::sleep(SETTLE).await;
+    let ports = served_by(&gw, 4).await;
+    assert!(ports.iter().all(|&p| p == b.port), "{ports:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_follow_a_reloaded_upstream_list() {
+    let a = Upstream::start().await;
+    let b = Upstream::start().await;
+    let c = Upstream::start().await;
+    let gw = GatewayBuilder::new(a.port, STORE)
+        .set("upstream", &upstream_list(&[&a, &b]))
+        .section(
+            "server",
+            "upstream_health_check",
+            "{interval: 200ms, path: /healthz}",
+        )
+        .start();
+    let ports = served_by(&gw, 4).await;
+    assert!(
+        ports.contains(&a.port) && ports.contains(&b.port),
+        "{ports:?}"
+    );
+
+    // Reload onto B and C while B is sick: C takes everything at once,
+    // since the new list is checked before it serves.
+    b.set_failing(true);
+    let text = std::fs::read_to_string(&gw.config_path).unwrap();
+    let mut map: serde_yaml::Mapping = serde_yaml::from_str(&text).unwrap();
+    map.insert(
+        "upstream".into(),
+        serde_yaml::from_str(&upstream_list(&[&b, &c])).unwrap(),
+    );
+    std::fs::write(&gw.config_path, serde_yaml::to_string(&map).unwrap()).unwrap();
+    unsafe {
+        libc::kill(gw.pid(), libc::SIGHUP);
+    }
+    gw.wait_log_line(|l| l.contains("configuration reloaded"));
+    let ports = served_by(&gw, 10).await;
+    assert!(ports.iter().all(|&p| p == c.port), "{ports:?}");
+
+    b.set_failing(false);
+    tokio::time::sleep(SETTLE).await;
+    let ports = served_by(&gw, 10).await;
+    assert!(
+        ports.contains(&b.port) && !ports.contains(&a.port),
+        "{ports:?}"
     );
 }

@@ -79,12 +79,7 @@ impl Drop for LogsOnFailure<'_> {
 
 /// POST (no body; the parameters are in the query, as with GET).
 async fn post(b: &Browser, gw: &Gateway, path: &str) -> Reply {
-    let resp = b.client.post(gw.url(path)).send().await.unwrap();
-    Reply {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        text: resp.text().await.unwrap(),
-    }
+    Reply::read(b.client.post(gw.url(path)).send().await.unwrap()).await
 }
 
 /// The whole flow of the examples' READMEs, through a gateway in front of

@@ -3,14 +3,18 @@
 //! ([`Config`]) the rest of the gateway uses. Renaming a user-facing key only
 //! touches this module.
 
+mod endpoints;
 mod env;
 mod schema;
 
 pub use crate::yaml::{deserialize_at, duration, ConfigError};
 
 use crate::store::StoreConfig;
+use pingora::tls::sign::CertifiedKey;
+use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The configuration shipped in `conf/gateway.yaml`, used when no `-c` is
@@ -125,13 +129,94 @@ pub struct ServerSettings {
     pub upstream_read_timeout: Option<Duration>,
     /// Peers whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `server.upstream_ca_file`: the CAs `https://` upstreams are verified
+    /// against instead of the system roots.
+    pub upstream_ca: Option<UpstreamCa>,
+    /// `server.upstream_health_check`; `None`: off.
+    pub upstream_health_check: Option<HealthCheckSettings>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UpstreamCa {
+    pub file: PathBuf,
+    /// The certificates of the file, DER, checked to parse.
+    pub certs: Arc<Vec<Vec<u8>>>,
+}
+
+/// Active health checks of the upstreams (only run with two or more).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheckSettings {
+    pub interval: Duration,
+    /// `None`: a TCP connect; otherwise `GET path` expecting a 2xx.
+    pub path: Option<String>,
+    /// Budget of one check (connect, TLS, response head).
+    pub timeout: Duration,
+}
+
+/// One proxy listener: plain HTTP, or TLS (HTTP/2 and HTTP/1.1 by ALPN).
+#[derive(Clone, Debug)]
+pub struct Listener {
+    /// `host:port` as written.
+    pub addr: String,
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ListenerTls {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// The files' content, read and checked when the config was loaded.
+    pub key: Arc<CertifiedKey>,
+}
+
+/// Listeners compare by address and file paths, not by certificate
+/// content: a new certificate at the same path is a reload, a new path or
+/// address needs a restart.
+impl PartialEq for Listener {
+    fn eq(&self, other: &Self) -> bool {
+        self.addr == other.addr
+            && match (&self.tls, &other.tls) {
+                (None, None) => true,
+                (Some(a), Some(b)) => a.cert_file == b.cert_file && a.key_file == b.key_file,
+                _ => false,
+            }
+    }
+}
+
+impl fmt::Display for Listener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        write!(f, "{scheme}://{}", self.addr)
+    }
+}
+
+/// One upstream (the app): where to connect, and whether with TLS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UpstreamServer {
+    pub addr: SocketAddr,
+    /// `https://`: TLS, verified for `host`, which is also the SNI.
+    pub tls: bool,
+    /// The host as written (a name or an IP, without brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl fmt::Display for UpstreamServer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
 }
 
 /// The validated configuration the gateway runs on.
 #[derive(Clone, Debug)]
 pub struct Config {
-    pub listen: Vec<String>,
-    pub upstreams: Vec<SocketAddr>,
+    pub listen: Vec<Listener>,
+    pub upstreams: Vec<UpstreamServer>,
     /// Secret keys, first signs, all verify.
     pub keys: Vec<Vec<u8>>,
     /// Where `secret_key_file` came from, for `--test` output.
@@ -185,22 +270,12 @@ impl Config {
     }
 }
 
-pub(crate) fn resolve_addrs(key: &str, addrs: &[String]) -> Result<Vec<SocketAddr>, ConfigError> {
-    let mut out = Vec::new();
-    for (i, a) in addrs.iter().enumerate() {
-        let key = if addrs.len() == 1 && i == 0 {
-            key.to_string()
-        } else {
-            format!("{key}[{i}]")
-        };
-        let resolved = a
-            .to_socket_addrs()
-            .map_err(|e| ConfigError::new(&key, format!("`{a}` is not a host:port address ({e})")))?
-            .next()
-            .ok_or_else(|| ConfigError::new(&key, format!("`{a}` resolves to no address")))?;
-        out.push(resolved);
-    }
-    Ok(out)
+/// Resolve one `host:port` (`key` names it in errors).
+pub(crate) fn resolve_addr(key: &str, a: &str) -> Result<SocketAddr, ConfigError> {
+    a.to_socket_addrs()
+        .map_err(|e| ConfigError::new(key, format!("`{a}` is not a host:port address ({e})")))?
+        .next()
+        .ok_or_else(|| ConfigError::new(key, format!("`{a}` resolves to no address")))
 }
 
 impl Config {

@@ -3,12 +3,12 @@
 //! what serde cannot and naming the key of every problem.
 
 use super::{
-    duration, resolve_addrs, AdminSettings, Config, ConfigError, CookieSettings, HeaderNames,
-    LogFormat, OnStoreError, SameSite, ServerSettings, SessionSettings, StoreSettings,
-    MIN_SECRET_BYTES,
+    duration, endpoints, resolve_addr, AdminSettings, Config, ConfigError, CookieSettings,
+    HeaderNames, HealthCheckSettings, Listener, LogFormat, OnStoreError, SameSite, ServerSettings,
+    SessionSettings, StoreSettings, UpstreamCa, MIN_SECRET_BYTES,
 };
 use crate::store::StoreContext;
-use crate::yaml::{deserialize_at, OneOrMany};
+use crate::yaml::deserialize_at;
 use serde::Deserialize;
 use serde_yaml::Value;
 use std::path::PathBuf;
@@ -17,8 +17,9 @@ use std::time::Duration;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct File {
-    listen: OneOrMany,
-    upstream: OneOrMany,
+    /// One entry or a list; see [`endpoints`].
+    listen: Value,
+    upstream: Value,
     #[serde(default)]
     secret_keys: Vec<String>,
     #[serde(default)]
@@ -129,6 +130,9 @@ struct Server {
     #[serde(deserialize_with = "duration::deserialize_opt")]
     upstream_read_timeout: Option<Duration>,
     trusted_proxies: Vec<String>,
+    upstream_ca_file: Option<PathBuf>,
+    /// On by default; `null` turns it off.
+    upstream_health_check: Option<HealthCheck>,
 }
 
 impl Default for Server {
@@ -139,7 +143,60 @@ impl Default for Server {
             upstream_connect_timeout: Duration::from_secs(5),
             upstream_read_timeout: None,
             trusted_proxies: Vec::new(),
+            upstream_ca_file: None,
+            upstream_health_check: Some(HealthCheck::default()),
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct HealthCheck {
+    #[serde(deserialize_with = "duration::deserialize")]
+    interval: Duration,
+    path: Option<String>,
+    #[serde(deserialize_with = "duration::deserialize")]
+    timeout: Duration,
+}
+
+impl Default for HealthCheck {
+    fn default() -> Self {
+        HealthCheck {
+            interval: Duration::from_secs(5),
+            path: None,
+            timeout: Duration::from_secs(1),
+        }
+    }
+}
+
+impl HealthCheck {
+    fn validate(self) -> Result<HealthCheckSettings, ConfigError> {
+        let key = "server.upstream_health_check";
+        if self.interval.is_zero() {
+            return Err(ConfigError::new(
+                format!("{key}.interval"),
+                "must be greater than zero (set upstream_health_check: null to turn checks off)",
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(ConfigError::new(
+                format!("{key}.timeout"),
+                "must be greater than zero",
+            ));
+        }
+        if let Some(path) = &self.path {
+            if !path.starts_with('/') || http::uri::PathAndQuery::try_from(path.as_str()).is_err() {
+                return Err(ConfigError::new(
+                    format!("{key}.path"),
+                    format!("`{path}` must be a request path starting with `/` (or null for a TCP check)"),
+                ));
+            }
+        }
+        Ok(HealthCheckSettings {
+            interval: self.interval,
+            path: self.path,
+            timeout: self.timeout,
+        })
     }
 }
 
@@ -278,7 +335,8 @@ impl File {
     /// Check everything serde cannot and build the internal model. Each
     /// step names the key of the first problem it finds.
     pub fn validate(self) -> Result<Config, ConfigError> {
-        let (listen, upstreams) = addresses(self.listen, self.upstream)?;
+        let listen = endpoints::listeners(self.listen)?;
+        let upstreams = endpoints::upstreams(self.upstream)?;
         let keys = secret_keys(&self.secret_keys, self.secret_key_file.as_ref())?;
         let cookie = self.cookie.validate()?;
         let session = self.session.validate()?;
@@ -314,12 +372,15 @@ impl File {
 }
 
 impl Admin {
-    fn validate(self, proxy_listen: &[String]) -> Result<AdminSettings, ConfigError> {
-        let addr = resolve_addrs("admin.listen", std::slice::from_ref(&self.listen))?[0];
-        let clash = resolve_addrs("listen", proxy_listen)?.into_iter().any(|p| {
-            p.port() == addr.port()
-                && (p.ip() == addr.ip() || p.ip().is_unspecified() || addr.ip().is_unspecified())
-        });
+    fn validate(self, proxy_listen: &[Listener]) -> Result<AdminSettings, ConfigError> {
+        let addr = resolve_addr("admin.listen", &self.listen)?;
+        let mut clash = false;
+        for l in proxy_listen {
+            // Already resolved once when `listen` was checked.
+            let p = resolve_addr("listen", &l.addr)?;
+            clash |= p.port() == addr.port()
+                && (p.ip() == addr.ip() || p.ip().is_unspecified() || addr.ip().is_unspecified());
+        }
         if clash {
             return Err(ConfigError::new(
                 "admin.listen",
@@ -333,27 +394,6 @@ impl Admin {
             listen: self.listen,
         })
     }
-}
-
-fn addresses(
-    listen: OneOrMany,
-    upstream: OneOrMany,
-) -> Result<(Vec<String>, Vec<std::net::SocketAddr>), ConfigError> {
-    if listen.0.is_empty() {
-        return Err(ConfigError::new(
-            "listen",
-            "at least one address is required",
-        ));
-    }
-    resolve_addrs("listen", &listen.0)?;
-    if upstream.0.is_empty() {
-        return Err(ConfigError::new(
-            "upstream",
-            "at least one address is required",
-        ));
-    }
-    let upstreams = resolve_addrs("upstream", &upstream.0)?;
-    Ok((listen.0, upstreams))
 }
 
 /// `secret_keys` then the key of `secret_key_file`: the first signs.
@@ -623,12 +663,28 @@ impl Server {
                 })?;
             trusted_proxies.push(net.trunc());
         }
+        let upstream_ca = match self.upstream_ca_file {
+            None => None,
+            Some(file) => {
+                let certs = crate::tls::load_ca_file(&file)
+                    .map_err(|e| ConfigError::new("server.upstream_ca_file", e))?;
+                Some(UpstreamCa {
+                    file,
+                    certs: std::sync::Arc::new(certs),
+                })
+            }
+        };
         Ok(ServerSettings {
             threads,
             grace_period: self.grace_period,
             upstream_connect_timeout: self.upstream_connect_timeout,
             upstream_read_timeout: self.upstream_read_timeout,
             trusted_proxies,
+            upstream_ca,
+            upstream_health_check: self
+                .upstream_health_check
+                .map(HealthCheck::validate)
+                .transpose()?,
         })
     }
 }

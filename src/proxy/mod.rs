@@ -23,6 +23,7 @@ pub mod engine;
 pub mod forwarded;
 pub mod path;
 pub mod protocol;
+pub mod upstream;
 
 use crate::config::Config;
 use crate::drain::InflightGuard;
@@ -37,8 +38,7 @@ use pingora::prelude::*;
 use pingora::proxy::FailToProxy;
 use pingora::{Error, ErrorSource, ErrorType};
 use protocol::{is_protocol_header, RawDirectives};
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -62,9 +62,7 @@ pub struct RequestCtx {
 /// What requests run with; replaced as a whole on reload (SIGHUP).
 pub struct Runtime {
     engine: Arc<SessionEngine>,
-    upstreams: Vec<SocketAddr>,
-    connect_timeout: Duration,
-    read_timeout: Option<Duration>,
+    pub upstreams: upstream::Upstreams,
     /// `session.header` as pingora takes it, built once: cloning it per
     /// request is a reference count, not an allocation and a copy.
     data_header: Bytes,
@@ -89,9 +87,7 @@ impl Runtime {
                 .map(|p| path::normalize(p))
                 .collect(),
             engine,
-            upstreams: config.upstreams.clone(),
-            connect_timeout: config.server.upstream_connect_timeout,
-            read_timeout: config.server.upstream_read_timeout,
+            upstreams: upstream::Upstreams::new(config),
             trusted_proxies: config.server.trusted_proxies.clone(),
             access_log: config.access_log,
         }
@@ -101,15 +97,11 @@ impl Runtime {
 /// Shared state of the proxy service.
 pub struct SessionProxy {
     current: Arc<ArcSwap<Runtime>>,
-    next_upstream: AtomicUsize,
 }
 
 impl SessionProxy {
     pub fn new(current: Arc<ArcSwap<Runtime>>) -> Self {
-        SessionProxy {
-            current,
-            next_upstream: AtomicUsize::new(0),
-        }
+        SessionProxy { current }
     }
 }
 
@@ -324,12 +316,24 @@ impl ProxyHttp for SessionProxy {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let rt = &ctx.rt;
-        let i = self.next_upstream.fetch_add(1, Ordering::Relaxed) % rt.upstreams.len();
-        let mut peer = HttpPeer::new(rt.upstreams[i], false, String::new());
-        peer.options.connection_timeout = Some(rt.connect_timeout);
-        peer.options.read_timeout = rt.read_timeout;
-        Ok(Box::new(peer))
+        Ok(ctx.rt.upstreams.pick())
+    }
+
+    /// pingora 0.9.1 writes the chunked terminator twice when an HTTP/2
+    /// request body ends with an empty DATA frame and the upstream speaks
+    /// HTTP/1.1 (cloudflare/pingora#935), which desynchronizes the pooled
+    /// upstream connection. Ending the body with no chunk avoids it.
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<Bytes>,
+        end_of_stream: bool,
+        _ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        if end_of_stream && body.as_ref().is_some_and(|b| b.is_empty()) {
+            *body = None;
+        }
+        Ok(())
     }
 
     /// Strip what the client must not control and add the session data.

@@ -17,6 +17,8 @@ pub fn binary() -> &'static str {
 #[derive(Clone)]
 pub struct GatewayBuilder {
     config: Mapping,
+    /// Listen with TLS (certificate, key) instead of plain HTTP.
+    tls: Option<(PathBuf, PathBuf)>,
     /// Extra environment variables of the gateway process.
     env: Vec<(String, String)>,
 }
@@ -41,8 +43,15 @@ impl GatewayBuilder {
         config.insert("log_level".into(), "debug".into());
         GatewayBuilder {
             config,
+            tls: None,
             env: Vec::new(),
         }
+    }
+
+    /// Listen with TLS: `listen: [{addr, tls: {cert_file, key_file}}]`.
+    pub fn tls(mut self, cert_file: &Path, key_file: &Path) -> Self {
+        self.tls = Some((cert_file.to_path_buf(), key_file.to_path_buf()));
+        self
     }
 
     /// Set a top-level key to a YAML value.
@@ -95,7 +104,16 @@ impl GatewayBuilder {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = super::free_port();
         let mut config = self.config.clone();
-        config.insert("listen".into(), format!("127.0.0.1:{port}").into());
+        let addr = format!("127.0.0.1:{port}");
+        let listen = match &self.tls {
+            None => addr.into(),
+            Some((cert, key)) => yaml(&format!(
+                "[{{addr: \"{addr}\", tls: {{cert_file: \"{}\", key_file: \"{}\"}}}}]",
+                cert.display(),
+                key.display()
+            )),
+        };
+        config.insert("listen".into(), listen);
         let config_path = dir.path().join("gateway.yaml");
         std::fs::write(&config_path, serde_yaml::to_string(&config).unwrap()).unwrap();
         let mut gw = Gateway {
@@ -156,8 +174,14 @@ impl Gateway {
         }
     }
 
+    /// The URL of `path` on the gateway (`https://` on a TLS listener).
     pub fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
+        let scheme = if self.builder.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://127.0.0.1:{}{path}", self.port)
     }
 
     pub fn dir(&self) -> &Path {

@@ -19,6 +19,7 @@ pub mod redis_server;
 pub mod server;
 #[cfg(feature = "sql")]
 pub mod sql_server;
+pub mod tls;
 pub mod upstream;
 
 pub use gateway::{Gateway, GatewayBuilder};

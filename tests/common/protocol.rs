@@ -22,11 +22,22 @@ pub struct Browser {
 #[derive(Debug)]
 pub struct Reply {
     pub status: u16,
+    pub version: reqwest::Version,
     pub headers: reqwest::header::HeaderMap,
     pub text: String,
 }
 
 impl Reply {
+    /// Status, version, headers and the whole body of a response.
+    pub async fn read(resp: reqwest::Response) -> Reply {
+        Reply {
+            status: resp.status().as_u16(),
+            version: resp.version(),
+            headers: resp.headers().clone(),
+            text: resp.text().await.unwrap(),
+        }
+    }
+
     /// The upstream's echo (panics if the body is not the echo JSON).
     pub fn echo(&self) -> Value {
         serde_json::from_str(&self.text)
@@ -70,8 +81,14 @@ impl Reply {
 
 impl Browser {
     pub fn new(gw: &Gateway) -> Self {
+        Self::with(gw, reqwest::Client::builder())
+    }
+
+    /// A browser with its own client settings (TLS roots, HTTP version);
+    /// the cookie jar and the timeout are added.
+    pub fn with(gw: &Gateway, builder: reqwest::ClientBuilder) -> Self {
         let jar = Arc::new(Jar::default());
-        let client = reqwest::Client::builder()
+        let client = builder
             .cookie_provider(jar.clone())
             .timeout(Duration::from_secs(20))
             .build()
@@ -89,15 +106,7 @@ impl Browser {
         for (n, v) in headers {
             req = req.header(*n, *v);
         }
-        let resp = req.send().await.expect("request reaches the gateway");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let text = resp.text().await.unwrap();
-        Reply {
-            status,
-            headers,
-            text,
-        }
+        Reply::read(req.send().await.expect("request reaches the gateway")).await
     }
 
     /// GET where the upstream answers with `X-Session-Patch: patch`.
@@ -125,6 +134,19 @@ impl Browser {
     }
 }
 
+/// Which upstream (its `x-upstream-port`) answered each of `n` requests
+/// from a new browser; every one must be a 200.
+pub async fn served_by(gw: &Gateway, n: usize) -> Vec<u16> {
+    let b = Browser::new(gw);
+    let mut ports = Vec::new();
+    for _ in 0..n {
+        let r = b.get("/", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        ports.push(r.header("x-upstream-port").unwrap().parse().unwrap());
+    }
+    ports
+}
+
 /// A raw request with a hand-written Cookie header (no jar).
 pub async fn get_with_cookie(
     gw: &Gateway,
@@ -137,12 +159,7 @@ pub async fn get_with_cookie(
     for (n, v) in headers {
         req = req.header(*n, *v);
     }
-    let resp = req.send().await.unwrap();
-    Reply {
-        status: resp.status().as_u16(),
-        headers: resp.headers().clone(),
-        text: resp.text().await.unwrap(),
-    }
+    Reply::read(req.send().await.unwrap()).await
 }
 
 fn id_of(cookie_value: &str) -> String {
