@@ -13,7 +13,7 @@
 //!   process, updates of a key also queue on a local lock, so concurrent
 //!   patches cost one round of GET + script each instead of racing.
 //! - Connections are multiplexed and reconnect by themselves
-//!   ([`ConnectionManager`] standalone, [`ClusterConnection`] on a
+//!   ([`ConnectionManager`] standalone, [`cluster::ClusterPool`] on a
 //!   cluster); a failed first connection is an error the store handle does
 //!   not cache, so the gateway recovers once Redis is back.
 //! - With `near_cache` enabled, loads are answered from an in-process copy
@@ -21,6 +21,7 @@
 //!   ([`tracking`]); every write through this store also drops its key
 //!   from the copy before returning, so this process reads its own writes.
 
+mod cluster;
 mod near_cache;
 mod tracking;
 
@@ -33,7 +34,6 @@ use bytes::Bytes;
 use near_cache::{Fetched, Lookup, NearCache};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
-use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, Value};
 use serde::Deserialize;
 use serde_yaml::Value as Yaml;
@@ -93,6 +93,9 @@ pub struct RedisConfig {
     /// How long the first load waits for tracking to come up (see
     /// [`Near::start`]).
     first_round_wait: Duration,
+    /// `store.timeout`: bounds the cluster client's connects and replies
+    /// (see [`RedisStore::connect`]).
+    op_timeout: Duration,
 }
 
 /// `store.near_cache.max_entries` when not given.
@@ -177,6 +180,7 @@ pub fn parse(keys: Yaml, ctx: &StoreContext) -> Result<Arc<dyn StoreSpec>, Confi
     let mut config = RedisConfig::parse(keys)?;
     config.key_prefix = ctx.key_prefix.clone();
     config.first_round_wait = FIRST_ROUND_WAIT.min(ctx.timeout / 4);
+    config.op_timeout = ctx.timeout;
     Ok(Arc::new(config))
 }
 
@@ -289,6 +293,7 @@ impl RedisConfig {
             near_cache,
             key_prefix: String::new(),
             first_round_wait: FIRST_ROUND_WAIT,
+            op_timeout: RESPONSE_TIMEOUT,
         })
     }
 
@@ -399,7 +404,7 @@ fn check_url(key: &str, raw: &str) -> Result<(String, redis::ConnectionInfo), Co
 /// times the size of the cluster handle.)
 enum Conn {
     Single(Box<ConnectionManager>),
-    Cluster(ClusterConnection),
+    Cluster(Arc<cluster::ClusterPool>),
 }
 
 pub struct RedisStore {
@@ -537,24 +542,27 @@ impl RedisStore {
                 // a node being replaced; a node that is down should fail
                 // its requests quickly (the engine applies on_store_error)
                 // rather than hold them until store.timeout.
+                let connect_timeout = CONNECT_TIMEOUT.min(config.op_timeout);
                 let mut builder = ClusterClient::builder(urls.iter().map(String::as_str));
                 if let Some(certs) = &config.tls {
                     builder = builder.certs(certs.clone());
                 }
                 let client = builder
-                    .connection_timeout(CONNECT_TIMEOUT)
-                    .response_timeout(RESPONSE_TIMEOUT)
+                    .connection_timeout(connect_timeout)
+                    .response_timeout(RESPONSE_TIMEOUT.min(config.op_timeout))
                     .retries(3)
                     .min_retry_wait(5)
                     .max_retry_wait(100)
                     .build()
                     .map_err(map_err)?;
-                let conn = client.get_async_connection().await.map_err(map_err)?;
+                let pool = cluster::ClusterPool::open(client, connect_timeout)
+                    .await
+                    .map_err(map_err)?;
                 let nodes = tracking::Nodes::Cluster {
                     template: urls[0].as_str().into_connection_info().map_err(map_err)?,
-                    conn: conn.clone(),
+                    pool: pool.clone(),
                 };
-                (Conn::Cluster(conn), nodes)
+                (Conn::Cluster(pool), nodes)
             }
         };
         let near = config
@@ -615,7 +623,7 @@ impl RedisStore {
     async fn query_once<T: FromRedisValue>(&self, cmd: &Cmd) -> redis::RedisResult<T> {
         match &self.conn {
             Conn::Single(c) => cmd.query_async(&mut (**c).clone()).await,
-            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(pool) => pool.query(cmd).await,
         }
     }
 

@@ -28,7 +28,6 @@ use super::near_cache::NearCache;
 use super::{map_err, CONNECT_TIMEOUT};
 use crate::session::StoreError;
 use redis::aio::MultiplexedConnection;
-use redis::cluster_async::ClusterConnection;
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ProtocolVersion, PushInfo,
     PushKind, RedisResult, TlsCertificates, Value,
@@ -56,7 +55,7 @@ pub(super) enum Nodes {
     /// URL's scheme and credentials.
     Cluster {
         template: ConnectionInfo,
-        conn: ClusterConnection,
+        pool: std::sync::Arc<super::cluster::ClusterPool>,
     },
 }
 
@@ -204,10 +203,9 @@ impl Tracker {
     async fn targets(&self) -> Result<Vec<ConnectionInfo>, StoreError> {
         match &self.nodes {
             Nodes::Single(info) => Ok(vec![info.clone()]),
-            Nodes::Cluster { template, conn } => {
-                let text: String = redis::cmd("CLUSTER")
-                    .arg("NODES")
-                    .query_async(&mut conn.clone())
+            Nodes::Cluster { template, pool } => {
+                let text: String = pool
+                    .query(&redis::cmd("CLUSTER").arg("NODES").clone())
                     .await
                     .map_err(|e| near_err("cluster", e))?;
                 let addrs = cluster_nodes(&text).map_err(StoreError::Backend)?;
