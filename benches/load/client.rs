@@ -315,3 +315,40 @@ pub async fn drive(addr: SocketAddr, plan: ConnPlan, start: Instant, end: Instan
     }
     tally
 }
+
+/// Scrape `GET /metrics` of the admin listener at `admin` every `every`
+/// from `start` until `end` over one keep-alive connection, as Prometheus
+/// would (usually only every 15 s or more); returns the 200 answers.
+pub async fn scrape_metrics(
+    admin: SocketAddr,
+    every: Duration,
+    start: Instant,
+    end: Instant,
+) -> u64 {
+    let req = get(admin, "/metrics", None);
+    let mut ok = 0;
+    let mut conn: Option<Conn> = None;
+    let mut next = start;
+    // Bounded by time: one scrape (or one failed connect) per `every`.
+    while next < end {
+        tokio::time::sleep_until(next).await;
+        next += every;
+        let c = match conn.as_mut() {
+            Some(c) => c,
+            None => match Conn::connect(admin).await {
+                Ok(c) => conn.insert(c),
+                Err(_) => continue,
+            },
+        };
+        match c.request_timed(&req).await {
+            Ok(resp) if resp.status == 200 => {
+                ok += 1;
+                if resp.close {
+                    conn = None;
+                }
+            }
+            _ => conn = None,
+        }
+    }
+    ok
+}

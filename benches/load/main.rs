@@ -5,7 +5,9 @@
 //! request, peak RSS, and the ratio to the baseline of the same run (the
 //! same binary with sessions off for every path), so the ratio isolates the
 //! session cost from the machine. Results go to a table and to JSON under
-//! `<target>/bench-results/`. `-- --help` lists the options.
+//! `<target>/bench-results/`. `--soak D` instead keeps one gateway per store
+//! under load for D and samples its RSS and p99. `-- --help` lists the
+//! options.
 
 mod client;
 mod hist;
@@ -13,6 +15,7 @@ mod options;
 mod procs;
 mod procstat;
 mod report;
+mod soak;
 mod stores;
 mod upstream;
 mod work;
@@ -69,9 +72,13 @@ fn scenarios(o: &Options) -> Vec<Scenario> {
 }
 
 /// Does `store` run `scenario`? The baseline's read-4k is its read (the
-/// session size does not exist for it), and read-c256 runs only for the
-/// stores asked for.
+/// session size does not exist for it), read-c256 and read-rate run only
+/// for the stores asked for, and the variants (baseline-quiet, *-sealed)
+/// only read.
 fn runs(o: &Options, store: &str, scenario: &Scenario) -> bool {
+    if stores::read_only(store) {
+        return scenario.name == "read";
+    }
     match scenario.name.as_str() {
         "read-4k" => store != "baseline" || !o.scenarios.iter().any(|s| s == "read"),
         "read-c256" | "read-rate" => o.focus_stores.iter().any(|s| s == store),
@@ -79,24 +86,45 @@ fn runs(o: &Options, store: &str, scenario: &Scenario) -> bool {
     }
 }
 
-fn gateway_yaml(env: &StoreEnv, o: &Options, upstream: u16, port: u16, prefix: &str) -> String {
+/// The gateway's config. Logging is the default one (`log_level: info`,
+/// access log on: a line per request, written to the gateway's log file)
+/// and `admin` is the admin listener's port, unless the store is quiet
+/// (`access_log: false`, no admin listener).
+fn gateway_yaml(
+    env: &StoreEnv,
+    o: &Options,
+    upstream: u16,
+    port: u16,
+    admin: Option<u16>,
+    prefix: &str,
+) -> String {
     let max_bytes = 8192.max(o.large_size.max(o.size) + 1024);
     let exclude = if env.sessions_off {
         ", exclude: [\"/\"]"
     } else {
         ""
     };
+    let seal = if env.seal { ", seal: true" } else { "" };
+    let access_log = if env.quiet { "access_log: false\n" } else { "" };
+    let admin = admin
+        .map(|p| format!("admin: {{listen: \"127.0.0.1:{p}\"}}\n"))
+        .unwrap_or_default();
     format!(
         "listen: \"127.0.0.1:{port}\"\n\
          upstream: \"127.0.0.1:{upstream}\"\n\
          secret_keys: [\"{SECRET}\"]\n\
-         log_level: error\n\
+         log_level: info\n\
+         {access_log}\
+         {admin}\
          server: {{threads: {}, grace_period: 1s}}\n\
-         session: {{key_prefix: \"{prefix}\", max_bytes: {max_bytes}{exclude}}}\n\
+         session: {{key_prefix: \"{prefix}\", max_bytes: {max_bytes}{exclude}{seal}}}\n\
          store: {}\n",
         o.gateway_threads, env.yaml
     )
 }
+
+/// How often the bench scrapes an observed gateway's `/metrics`.
+const SCRAPE_EVERY: Duration = Duration::from_secs(1);
 
 /// A cookie that looks like ours (same length) for the baseline, where the
 /// gateway never verifies it, only strips it.
@@ -112,31 +140,42 @@ struct Ctx<'a> {
     run_id: &'a str,
 }
 
-/// Run one scenario against one store on a fresh gateway process.
-async fn run_one(
+/// A gateway started for one scenario, its sessions created.
+struct Launched {
+    gateway: procs::Proc,
+    addr: SocketAddr,
+    /// The admin listener (None for a quiet store).
+    admin: Option<SocketAddr>,
+    /// The cookies of each connection's virtual clients.
+    cookies: Vec<Vec<String>>,
+    /// Config and log; removed after the gateway (fields drop in order).
+    _dir: tempfile::TempDir,
+}
+
+/// Start a fresh gateway for `env` and create the sessions `sc` reads (not
+/// measured): one per virtual client.
+async fn launch(
     cx: &Ctx<'_>,
     env: &StoreEnv,
     sc: &Scenario,
     seq: usize,
-) -> Result<Outcome, String> {
+) -> Result<Launched, String> {
     let o = cx.o;
     let gw_dir = tempfile::Builder::new()
         .prefix(&format!("{}-{}-", env.name, sc.name))
         .tempdir_in(cx.dir)
         .map_err(|e| format!("temp dir: {e}"))?;
     let port = procs::free_port();
+    let admin_port = (!env.quiet).then(procs::free_port);
     let prefix = format!("bench:{}:{seq}:", cx.run_id);
     let config = gw_dir.path().join("gateway.yaml");
     std::fs::write(
         &config,
-        gateway_yaml(env, o, cx.upstream.port, port, &prefix),
+        gateway_yaml(env, o, cx.upstream.port, port, admin_port, &prefix),
     )
     .map_err(|e| format!("write config: {e}"))?;
-    let mut gateway = procs::start_gateway(&config, gw_dir.path(), port)?;
-    let pid = gateway.pid();
+    let gateway = procs::start_gateway(&config, gw_dir.path(), port)?;
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
-
-    // Sessions first (not measured): one per virtual client.
     let cookies: Vec<Vec<String>> = if sc.new_visitors {
         vec![Vec::new(); sc.connections]
     } else if env.sessions_off {
@@ -164,11 +203,23 @@ async fn run_one(
             )
         })?
     };
+    Ok(Launched {
+        gateway,
+        addr,
+        admin: admin_port.map(|p| SocketAddr::from(([127, 0, 0, 1], p))),
+        cookies,
+        _dir: gw_dir,
+    })
+}
+
+/// What each connection sends: its virtual clients' reads and writes, or
+/// (new visitors) a session-creating request without a cookie.
+fn plans(sc: &Scenario, addr: SocketAddr, cookies: &[Vec<String>]) -> Vec<ConnPlan> {
     let interval = sc
         .rate
         .filter(|r| *r > 0.0)
         .map(|r| Duration::from_secs_f64(sc.connections as f64 / r));
-    let plans: Vec<ConnPlan> = cookies
+    cookies
         .iter()
         .enumerate()
         .map(|(i, cs)| {
@@ -200,25 +251,64 @@ async fn run_one(
                 }
             }
         })
-        .collect();
+        .collect()
+}
 
-    if let Some(hold) = o.hold {
-        println!(
-            "holding {} / {} for {hold:?}: http://{addr}/r  gateway pid {pid}  upstream port {}  log {}\n  \
-             e.g. wrk -c {} -d 10s -H 'Cookie: {}' http://{addr}/r",
-            env.name,
-            sc.name,
-            cx.upstream.port,
-            gateway.log.display(),
-            sc.connections,
-            cookies
-                .first()
-                .and_then(|c| c.first())
-                .map_or("session=none", |c| c.as_str()),
-        );
-        tokio::time::sleep(hold).await;
+/// Drive every connection's plan over `[start, end]` and merge the tallies.
+async fn drive_all(
+    addr: SocketAddr,
+    plans: Vec<ConnPlan>,
+    start: Instant,
+    end: Instant,
+) -> Result<Tally, String> {
+    let tasks: Vec<_> = plans
+        .into_iter()
+        .map(|plan| tokio::spawn(client::drive(addr, plan, start, end)))
+        .collect();
+    let mut tally = Tally::default();
+    for t in tasks {
+        tally.merge(t.await.map_err(|e| format!("load task failed: {e}"))?);
+    }
+    Ok(tally)
+}
+
+/// `--hold`: keep the gateway up for `hold` and say how to reach it.
+async fn hold(l: &Launched, env: &StoreEnv, sc: &Scenario, cx: &Ctx<'_>, hold: Duration) {
+    let addr = l.addr;
+    println!(
+        "holding {} / {} for {hold:?}: http://{addr}/r  gateway pid {}  upstream port {}  log {}{}\n  \
+         e.g. wrk -c {} -d 10s -H 'Cookie: {}' http://{addr}/r",
+        env.name,
+        sc.name,
+        l.gateway.pid(),
+        cx.upstream.port,
+        l.gateway.log.display(),
+        l.admin
+            .map(|a| format!("  metrics http://{a}/metrics"))
+            .unwrap_or_default(),
+        sc.connections,
+        l.cookies
+            .first()
+            .and_then(|c| c.first())
+            .map_or("session=none", |c| c.as_str()),
+    );
+    tokio::time::sleep(hold).await;
+}
+
+/// Run one scenario against one store on a fresh gateway process.
+async fn run_one(
+    cx: &Ctx<'_>,
+    env: &StoreEnv,
+    sc: &Scenario,
+    seq: usize,
+) -> Result<Outcome, String> {
+    let o = cx.o;
+    let mut l = launch(cx, env, sc, seq).await?;
+    if let Some(d) = o.hold {
+        hold(&l, env, sc, cx, d).await;
         return Err("held, not measured".into());
     }
+    let pid = l.gateway.pid();
     let start = Instant::now() + o.warmup;
     let end = start + o.duration;
     let stats = cx.upstream.stats.clone();
@@ -255,23 +345,23 @@ async fn run_one(
         );
         (at_start, at_end)
     });
-    let tasks: Vec<_> = plans
-        .into_iter()
-        .map(|plan| tokio::spawn(client::drive(addr, plan, start, end)))
-        .collect();
-    let mut tally = Tally::default();
-    for t in tasks {
-        tally.merge(t.await.map_err(|e| format!("load task failed: {e}"))?);
-    }
+    let scraper = l
+        .admin
+        .map(|a| tokio::spawn(client::scrape_metrics(a, SCRAPE_EVERY, start, end)));
+    let tally = drive_all(l.addr, plans(sc, l.addr, &l.cookies), start, end).await?;
     let (s0, s1) = sampler.await.map_err(|e| format!("sampler failed: {e}"))?;
+    let metrics_scrapes = match scraper {
+        Some(t) => Some(t.await.map_err(|e| format!("scraper failed: {e}"))?),
+        None => None,
+    };
     let peak_rss_kib = procstat::peak_rss_kib(pid);
-    if !gateway.alive() {
+    if !l.gateway.alive() {
         return Err(format!(
             "the gateway died during the run:\n{}",
-            procs::tail(&gateway.log, 10)
+            procs::tail(&l.gateway.log, 10)
         ));
     }
-    drop(gateway);
+    drop(l);
 
     let wall = (s1.4 - s0.4).as_secs_f64();
     let requests = tally.latency.count();
@@ -320,6 +410,7 @@ async fn run_one(
         peak_rss_mib: peak_rss_kib.map(|k| k as f64 / 1024.0),
         session_hit_ratio: (!sc.new_visitors && !env.sessions_off && upstream_reads > 0)
             .then(|| with_session as f64 / upstream_reads as f64),
+        metrics_scrapes,
         rps_ratio: None,
         cpu_ratio: None,
         rps_rounds: Vec::new(),
@@ -364,6 +455,98 @@ fn main() {
     std::process::exit(code);
 }
 
+/// Every store is prepared and checked (`--test`) once, up front; one
+/// that fails is reported and skipped, the others go on.
+fn prepare_all(
+    names: &[String],
+    o: &Options,
+    dir: &Path,
+    run_id: &str,
+    upstream: u16,
+) -> (Vec<StoreEnv>, Vec<(String, String)>) {
+    let mut envs: Vec<StoreEnv> = Vec::new();
+    let mut skipped: Vec<(String, String)> = Vec::new();
+    for name in names {
+        let env = stores::prepare(name, dir, run_id).and_then(|env| {
+            let check_dir = dir.join(format!("check-{name}"));
+            std::fs::create_dir_all(&check_dir).map_err(|e| e.to_string())?;
+            let config = check_dir.join("gateway.yaml");
+            let admin = (!env.quiet).then(procs::free_port);
+            let yaml = gateway_yaml(&env, o, upstream, procs::free_port(), admin, "bench:check:");
+            std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
+            procs::check_config(&config, &check_dir)?;
+            Ok(env)
+        });
+        match env {
+            Ok(env) => envs.push(env),
+            Err(e) => {
+                println!("store {name}: SKIPPED: {e}");
+                skipped.push((name.clone(), e));
+            }
+        }
+    }
+    (envs, skipped)
+}
+
+/// Drop the SQL tables the stores created on shared servers, then stop
+/// the private servers.
+async fn clean_up(envs: Vec<StoreEnv>) {
+    for env in &envs {
+        if let Some((url, table)) = &env.sql_table {
+            stores::drop_table(url, table).await;
+        }
+    }
+    drop(envs);
+}
+
+/// The req/s of read-rate, decided once per run so every round paces at
+/// the same load: --rate, else half of what the bare proxy managed in the
+/// first round's read (a load every store should carry, so p99 shows
+/// per-request cost, not queueing), else 5000.
+fn paced_rate(outcomes: &[Outcome]) -> f64 {
+    outcomes
+        .iter()
+        .find(|r| r.store == "baseline" && r.scenario == "read")
+        .map_or(5000.0, |r| (r.rps / 2.0).round())
+}
+
+/// The matrix: every round, scenario by scenario, the baseline right
+/// before the stores, so a change in background load hits both sides of
+/// each ratio alike. Returns the outcomes of every round and the failures.
+async fn matrix(cx: &Ctx<'_>, envs: &[StoreEnv]) -> (Vec<Outcome>, Vec<(String, String, String)>) {
+    let o = cx.o;
+    println!();
+    println!("{}", report::progress_header());
+    let mut outcomes: Vec<Outcome> = Vec::new();
+    let mut failures: Vec<(String, String, String)> = Vec::new();
+    let mut seq = 0;
+    let mut rate: Option<f64> = None;
+    for _round in 0..o.rounds {
+        for mut sc in scenarios(o) {
+            if sc.rate == Some(0.0) {
+                sc.rate = Some(*rate.get_or_insert_with(|| paced_rate(&outcomes)));
+            }
+            for env in envs {
+                if !runs(o, &env.name, &sc) {
+                    continue;
+                }
+                seq += 1;
+                match run_one(cx, env, &sc, seq).await {
+                    Ok(out) => {
+                        println!("{}", report::progress_line(&out));
+                        outcomes.push(out);
+                    }
+                    Err(e) => {
+                        println!("{:<14} {:<9} FAILED: {e}", env.name, sc.name);
+                        failures.push((env.name.clone(), sc.name.clone(), e));
+                    }
+                }
+            }
+        }
+    }
+    (outcomes, failures)
+}
+
 async fn run(o: Options) -> i32 {
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -386,96 +569,47 @@ async fn run(o: Options) -> i32 {
             return 1;
         }
     };
-
-    // Every store is prepared and checked (`--test`) once, up front; one
-    // that fails is reported and skipped, the others go on.
-    let mut envs: Vec<StoreEnv> = Vec::new();
-    let mut skipped: Vec<(String, String)> = Vec::new();
-    for name in &o.stores {
-        let env = stores::prepare(name, dir.path(), &run_id).and_then(|env| {
-            let check_dir = dir.path().join(format!("check-{name}"));
-            std::fs::create_dir_all(&check_dir).map_err(|e| e.to_string())?;
-            let config = check_dir.join("gateway.yaml");
-            let yaml = gateway_yaml(&env, &o, upstream.port, procs::free_port(), "bench:check:");
-            std::fs::write(&config, yaml).map_err(|e| e.to_string())?;
-            procs::check_config(&config, &check_dir)?;
-            Ok(env)
-        });
-        match env {
-            Ok(env) => envs.push(env),
-            Err(e) => {
-                println!("store {name}: SKIPPED: {e}");
-                skipped.push((name.clone(), e));
-            }
-        }
-    }
-
+    let names = if o.soak.is_some() {
+        &o.soak_stores
+    } else {
+        &o.stores
+    };
+    let (envs, skipped) = prepare_all(names, &o, dir.path(), &run_id, upstream.port);
     let cx = Ctx {
         o: &o,
         upstream: &upstream,
         dir: dir.path(),
         run_id: &run_id,
     };
-    println!();
-    println!("{}", report::progress_header());
-    let mut outcomes: Vec<Outcome> = Vec::new();
-    let mut failures: Vec<(String, String, String)> = Vec::new();
-    let mut seq = 0;
-    // Scenario by scenario, the baseline right before the stores: a change
-    // in background load hits both sides of each ratio alike.
-    for _round in 0..o.rounds {
-        for mut sc in scenarios(&o) {
-            if sc.rate == Some(0.0) {
-                // Half of what the bare proxy managed: a load every store
-                // should carry, so p99 shows per-request cost, not queueing.
-                let base = outcomes
-                    .iter()
-                    .filter(|r| r.store == "baseline" && r.scenario == "read")
-                    .map(|r| r.rps)
-                    .fold(f64::NAN, f64::max);
-                sc.rate = Some(if base.is_nan() {
-                    5000.0
-                } else {
-                    (base / 2.0).round()
-                });
-            }
-            for env in &envs {
-                if !runs(&o, &env.name, &sc) {
-                    continue;
-                }
-                seq += 1;
-                match run_one(&cx, env, &sc, seq).await {
-                    Ok(out) => {
-                        println!("{}", report::progress_line(&out));
-                        outcomes.push(out);
-                    }
-                    Err(e) => {
-                        println!("{:<10} {:<9} FAILED: {e}", env.name, sc.name);
-                        failures.push((env.name.clone(), sc.name.clone(), e));
-                    }
-                }
-            }
+    if let Some(d) = o.soak {
+        let soaks = soak::run(&cx, &envs, d).await;
+        clean_up(envs).await;
+        let targets = soak::targets(&soaks);
+        println!();
+        report::print_targets(&targets);
+        let json = soak::to_json(&machine, &o, started, &soaks, &skipped, &targets);
+        match report::write_json(&o, "soak", started, &json) {
+            Ok(paths) => println!("\nresults: {paths}"),
+            Err(e) => eprintln!("error: writing results: {e}"),
         }
+        return 0;
     }
+
+    let (outcomes, failures) = matrix(&cx, &envs).await;
     let mut outcomes = report::median_of_rounds(outcomes);
-    for env in &envs {
-        if let Some((url, table)) = &env.sql_table {
-            stores::drop_table(url, table).await;
-        }
-    }
-    drop(envs);
+    clean_up(envs).await;
 
     report::relate_to_baseline(&mut outcomes);
-    let pure_ns = work::verify_decode_encode_ns(1024);
+    let pure_ns = work::read_work_ns(1024);
     let targets = report::targets(&outcomes, pure_ns, &o);
     println!();
     report::print_table(&outcomes, &o);
     println!();
-    report::print_targets(&targets, pure_ns);
+    report::print_targets(&targets);
     let json = report::to_json(
         &machine, &o, started, &outcomes, &skipped, &failures, &targets, pure_ns,
     );
-    match report::write_json(&o, started, &json) {
+    match report::write_json(&o, "load", started, &json) {
         Ok(paths) => println!("\nresults: {paths}"),
         Err(e) => eprintln!("error: writing results: {e}"),
     }

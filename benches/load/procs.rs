@@ -35,9 +35,15 @@ pub fn free_port() -> u16 {
         .expect("bind an ephemeral loopback port")
 }
 
-/// Spawn with the child dying with us; stdout and stderr go to `log`.
+/// Spawn with the child dying with us; stdout and stderr go to `log`, a
+/// file (never a pipe nobody reads), opened for appending so that
+/// [`trim_log`] can empty it under a running process.
 fn spawn(cmd: &mut Command, log: &Path) -> std::io::Result<Child> {
-    let out = std::fs::File::create(log)?;
+    let _ = std::fs::remove_file(log);
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
     cmd.stdin(Stdio::null())
         .stdout(out.try_clone()?)
         .stderr(out);
@@ -68,11 +74,28 @@ fn wait_listening(child: &mut Child, port: u16, within: Duration) -> Result<(), 
     }
 }
 
-/// The last `n` lines of a log file, for error reports.
+/// An access log line (text or JSON): one per request, no diagnosis.
+fn is_access_line(line: &str) -> bool {
+    line.contains(" INFO access ") || line.contains("\"message\":\"access\"")
+}
+
+/// The last `n` lines of a log file other than access log lines, for
+/// error reports.
 pub fn tail(path: &Path, n: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
+    let lines: Vec<&str> = text.lines().filter(|l| !is_access_line(l)).collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Empty a log file above `max` bytes (like logrotate's `copytruncate`):
+/// a long soak writes an access log line per request. The writer appends,
+/// so it goes on at the new end.
+pub fn trim_log(path: &Path, max: u64) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() > max) {
+        if let Ok(f) = std::fs::OpenOptions::new().write(true).open(path) {
+            let _ = f.set_len(0);
+        }
+    }
 }
 
 /// A running process, killed on drop.

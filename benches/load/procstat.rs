@@ -1,6 +1,7 @@
 //! What the kernel says about a process: CPU time (utime + stime of all its
-//! threads, from `/proc/<pid>/stat`) and peak resident memory (`VmHWM` from
-//! `/proc/<pid>/status`). Linux only, like the rest of the bench.
+//! threads, from `/proc/<pid>/stat`), current and peak resident memory
+//! (`VmRSS`, `VmHWM` from `/proc/<pid>/status`). Linux only, like the rest
+//! of the bench.
 
 use std::time::Duration;
 
@@ -40,6 +41,11 @@ fn status_kib(pid: u32, field: &str) -> Option<u64> {
 /// Peak resident set size of `pid` so far, in KiB.
 pub fn peak_rss_kib(pid: u32) -> Option<u64> {
     status_kib(pid, "VmHWM")
+}
+
+/// Current resident set size of `pid` (`VmRSS`), in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_kib(pid, "VmRSS")
 }
 
 /// One line describing the CPU, e.g. for the results header.

@@ -51,6 +51,10 @@ pub struct Outcome {
     /// Share of app requests that arrived with session data (must be 1.0
     /// for read scenarios: proves sessions were really loaded).
     pub session_hit_ratio: Option<f64>,
+    /// Successful scrapes of the gateway's `/metrics` during the measured
+    /// window (one a second); None: no admin listener (baseline-quiet).
+    #[serde(default)]
+    pub metrics_scrapes: Option<u64>,
     /// req/s relative to the baseline of the same scenario in this run.
     pub rps_ratio: Option<f64>,
     /// p99 minus the baseline's p99 (same scenario, same connections).
@@ -117,11 +121,20 @@ impl Machine {
     }
 
     pub fn describe(&self, o: &Options) -> String {
+        let timing = match o.soak {
+            Some(d) => format!("soak: {} per store", fmt_dur(d)),
+            None => format!(
+                "{} per scenario after {} warm-up, {} round(s)",
+                fmt_dur(o.duration),
+                fmt_dur(o.warmup),
+                o.rounds
+            ),
+        };
         format!(
             "session-gateway load bench ({})\n\
              machine: {} CPU(s), {}, Linux {}, load average {:.2} at start\n\
              gateway: {} ({} proxy thread(s)); load generator + app: {} thread(s) in this process\n\
-             {} per scenario after {} warm-up; {} virtual clients per connection",
+             {timing}; {} virtual clients per connection",
             self.git.as_deref().unwrap_or("unknown commit"),
             self.cpus,
             self.cpu_model,
@@ -130,28 +143,26 @@ impl Machine {
             crate::procs::gateway_binary(),
             o.gateway_threads,
             o.client_threads,
-            fmt_dur(o.duration),
-            fmt_dur(o.warmup),
             o.clients,
         )
     }
 }
 
-fn fmt_dur(d: std::time::Duration) -> String {
+pub fn fmt_dur(d: std::time::Duration) -> String {
     format!("{:.1}s", d.as_secs_f64())
 }
 
-fn ms(us: f64) -> String {
+pub fn ms(us: f64) -> String {
     format!("{:.2}", us / 1000.0)
 }
 
-fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
+pub fn opt(v: Option<f64>, f: impl Fn(f64) -> String) -> String {
     v.map_or("-".into(), f)
 }
 
 pub fn progress_header() -> String {
     format!(
-        "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>6} {:>5}",
+        "{:<14} {:<9} {:>5} {:>5} {:>4} {:>9} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>6} {:>5}",
         "store",
         "scenario",
         "conns",
@@ -171,7 +182,7 @@ pub fn progress_header() -> String {
 
 pub fn progress_line(r: &Outcome) -> String {
     format!(
-        "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9.0} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>6} {:>5}",
+        "{:<14} {:<9} {:>5} {:>5} {:>4} {:>9.0} {:>7} {:>7} {:>7} {:>6} {:>7} {:>5} {:>6} {:>5}",
         r.store,
         r.scenario,
         r.connections,
@@ -225,7 +236,7 @@ pub fn relate_to_baseline(all: &mut [Outcome]) {
 
 pub fn print_table(all: &[Outcome], o: &Options) {
     println!(
-        "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>5}",
+        "{:<14} {:<9} {:>5} {:>5} {:>4} {:>9} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>5}",
         "store",
         "scenario",
         "conns",
@@ -246,7 +257,7 @@ pub fn print_table(all: &[Outcome], o: &Options) {
     for name in &o.scenarios {
         for r in all.iter().filter(|r| &r.scenario == name) {
             println!(
-                "{:<10} {:<9} {:>5} {:>5} {:>4} {:>9.0} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>5}",
+                "{:<14} {:<9} {:>5} {:>5} {:>4} {:>9.0} {:>6} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>5}",
                 r.store,
                 r.scenario,
                 r.connections,
@@ -298,6 +309,16 @@ pub fn print_table(all: &[Outcome], o: &Options) {
             r.store_cpu_us_per_req.unwrap_or(0.0)
         );
     }
+    println!(
+        "logging: every gateway writes its access log (log_level: info) to a file and serves /metrics, \
+         scraped once a second; baseline-quiet has access_log: false and no admin listener"
+    );
+    for r in all.iter().filter(|r| r.metrics_scrapes == Some(0)) {
+        println!(
+            "warning: {} / {}: no /metrics scrape succeeded during the run",
+            r.store, r.scenario
+        );
+    }
     for r in all
         .iter()
         .filter(|r| r.session_hit_ratio.is_some_and(|h| h < 0.999))
@@ -315,7 +336,8 @@ pub fn print_table(all: &[Outcome], o: &Options) {
 pub struct Target {
     pub name: String,
     pub measured: String,
-    /// `PASS`, `MISS` or `NOT RUN`.
+    /// `PASS`, `MISS`, `NOT RUN`, or `INFO`: measured, but not under the
+    /// conditions the target is stated for (the measured text says which).
     pub status: &'static str,
 }
 
@@ -327,60 +349,143 @@ fn status(pass: bool) -> &'static str {
     }
 }
 
+/// A target on `value` (None: not run). `caveat`: why the run does not
+/// meet the target's conditions, which makes it INFO instead of PASS/MISS.
+fn target(
+    name: String,
+    value: Option<f64>,
+    shown: impl Fn(f64) -> String,
+    pass: impl Fn(f64) -> bool,
+    caveat: Option<String>,
+) -> Target {
+    match (value, caveat) {
+        (None, _) => Target {
+            name,
+            measured: "-".into(),
+            status: "NOT RUN",
+        },
+        (Some(v), Some(why)) => Target {
+            name,
+            measured: format!("{} ({why})", shown(v)),
+            status: "INFO",
+        },
+        (Some(v), None) => Target {
+            name,
+            measured: shown(v),
+            status: status(pass(v)),
+        },
+    }
+}
+
+/// The conditions issue 12 states its ratio and p99 targets under: medians
+/// of at least 3 interleaved rounds, 64 connections, one gateway thread;
+/// with `sized`, 1 KiB sessions and (writes) 10% writes. The first one the
+/// run does not meet, if any.
+fn off_conditions(r: &Outcome, o: &Options, sized: bool) -> Option<String> {
+    if o.rounds < 3 {
+        Some(format!("{} round(s), needs --rounds 3", o.rounds))
+    } else if r.connections != 64 {
+        Some(format!("{} connections, needs 64", r.connections))
+    } else if o.gateway_threads != 1 {
+        Some(format!("{} gateway threads, needs 1", o.gateway_threads))
+    } else if sized && r.session_bytes != 1024 {
+        Some(format!("{} B sessions, needs --size 1024", r.session_bytes))
+    } else if sized && r.write_ratio > 0.0 && (r.write_ratio - 0.1).abs() > 1e-9 {
+        Some(format!(
+            "{:.0}% writes, needs --write-ratio 0.1",
+            r.write_ratio * 100.0
+        ))
+    } else {
+        None
+    }
+}
+
+fn pct(v: f64) -> String {
+    format!("{:.1}%", v * 100.0)
+}
+
 pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
     let mut t = Vec::new();
     let find = |store: &str, scenario: &str| {
         all.iter()
             .find(|r| r.store == store && r.scenario == scenario)
     };
-    for (store, min) in [("memory", 0.90), ("redis", 0.85), ("redis-near", 0.90)] {
-        let name = format!("{store} read req/s >= {:.0}% of baseline", min * 100.0);
-        t.push(match find(store, "read").and_then(|r| r.rps_ratio) {
-            Some(ratio) => Target {
-                name,
-                measured: format!("{:.1}%", ratio * 100.0),
-                status: status(ratio >= min),
-            },
-            None => Target {
-                name,
-                measured: "-".into(),
-                status: "NOT RUN",
-            },
-        });
+    // Issue 12: req/s as a share of the baseline's, 1 KiB sessions.
+    let shares = [
+        ("memory", "read", 0.92),
+        ("redis-near", "read", 0.90),
+        ("redis", "read", 0.80),
+        ("postgres", "read", 0.60),
+        ("memory", "write", 0.85),
+        ("redis", "write", 0.80),
+    ];
+    for (store, scenario, min) in shares {
+        let r = find(store, scenario);
+        let what = if scenario == "read" {
+            "read (live 1 KiB session)"
+        } else {
+            "10% writes"
+        };
+        t.push(target(
+            format!("{store} {what} req/s >= {:.0}% of baseline", min * 100.0),
+            r.and_then(|r| r.rps_ratio),
+            pct,
+            |v| v >= min,
+            r.and_then(|r| off_conditions(r, o, true)),
+        ));
     }
-    // "At the same load": the paced scenario offers every store the same
-    // req/s; without it, the closed-loop read (same connections) stands in.
-    let same_load = if all.iter().any(|r| r.scenario == "read-rate") {
-        "read-rate"
-    } else {
-        "read"
-    };
+    // Issue 12: p99 at the same paced load.
     for store in ["memory", "redis"] {
-        let r = find(store, same_load);
-        let name = format!(
-            "{store} p99 <= baseline p99 + 1 ms at the same load ({same_load}{})",
-            r.and_then(|r| r.target_rate)
-                .map(|rate| format!(" {rate:.0} req/s"))
-                .unwrap_or_default()
-        );
-        t.push(match r.and_then(|r| r.p99_delta_us) {
-            Some(delta) => Target {
-                name,
-                measured: format!("{:+.2} ms", delta / 1000.0),
-                status: status(delta <= 1000.0),
-            },
-            None => Target {
-                name,
-                measured: "-".into(),
-                status: "NOT RUN",
-            },
-        });
+        let r = find(store, "read-rate");
+        t.push(target(
+            format!(
+                "{store} p99 <= baseline p99 + 0.5 ms at the same load (read-rate{})",
+                r.and_then(|r| r.target_rate)
+                    .map(|rate| format!(" {rate:.0} req/s"))
+                    .unwrap_or_default()
+            ),
+            r.and_then(|r| r.p99_delta_us),
+            |v| format!("{:+.2} ms", v / 1000.0),
+            |v| v <= 500.0,
+            r.and_then(|r| off_conditions(r, o, true)),
+        ));
     }
-    t.push(Target {
-        name: "pure work (verify + decode + encode, 1 KiB) < 5 µs".into(),
-        measured: format!("{:.2} µs", pure_ns / 1000.0),
-        status: status(pure_ns < 5000.0),
-    });
+    t.push(target(
+        "pure work of a read (verify cookie + check record + X-Session, 1 KiB) < 1.5 µs".into(),
+        Some(pure_ns),
+        |v| format!("{:.2} µs", v / 1000.0),
+        |v| v < 1500.0,
+        None,
+    ));
+    // Issue 16: sealing costs at most 3% of read req/s, same run.
+    for (sealed, plain) in [("memory-sealed", "memory"), ("redis-sealed", "redis")] {
+        let (s, p) = (find(sealed, "read"), find(plain, "read"));
+        t.push(target(
+            format!("{sealed} read req/s >= 97% of {plain}'s"),
+            s.zip(p)
+                .filter(|(_, p)| p.rps > 0.0)
+                .map(|(s, p)| s.rps / p.rps),
+            pct,
+            |v| v >= 0.97,
+            s.and_then(|s| off_conditions(s, o, false)),
+        ));
+    }
+    // Issue 13: the access log and /metrics cost at most 3% of read req/s.
+    let (b, q) = (find("baseline", "read"), find("baseline-quiet", "read"));
+    t.push(target(
+        "baseline (access log + /metrics) read req/s >= 97% of baseline-quiet".into(),
+        b.zip(q)
+            .filter(|(_, q)| q.rps > 0.0)
+            .map(|(b, q)| b.rps / q.rps),
+        |v| match q.and_then(|q| q.cpu_ratio) {
+            // The quiet one's cpu_ratio is the baseline's CPU per request
+            // over its own: the inverse is the share to expect from CPU.
+            Some(c) if c > 0.0 => format!("{} (by CPU per request: {})", pct(v), pct(1.0 / c)),
+            _ => pct(v),
+        },
+        |v| v >= 0.97,
+        b.and_then(|b| off_conditions(b, o, false)),
+    ));
     let high: Vec<&Outcome> = all
         .iter()
         .filter(|r| r.connections >= 256 && r.store != "baseline")
@@ -408,10 +513,10 @@ pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
     t
 }
 
-pub fn print_targets(targets: &[Target], _pure_ns: f64) {
+pub fn print_targets(targets: &[Target]) {
     println!("targets:");
     for t in targets {
-        println!("  {:<7} {:<72} {}", t.status, t.name, t.measured);
+        println!("  {:<7} {:<84} {}", t.status, t.name, t.measured);
     }
 }
 
@@ -450,6 +555,8 @@ pub fn to_json(
             "write_ratio": o.write_ratio,
             "gateway_threads": o.gateway_threads,
             "client_threads": o.client_threads,
+            "rounds": o.rounds,
+            "logging": "access log on (log_level info) to a file, /metrics scraped every 1s; baseline-quiet: access_log false, no admin listener",
         },
         "results": all,
         "skipped": skipped.iter().map(|(s, e)| json!({"store": s, "reason": e})).collect::<Vec<_>>(),
@@ -470,13 +577,14 @@ fn default_out_dir() -> PathBuf {
         .join("bench-results")
 }
 
-/// Write `load-<unix time>.json` and `load-latest.json`; returns both paths.
-pub fn write_json(o: &Options, started: u64, json: &Value) -> std::io::Result<String> {
+/// Write `<kind>-<unix time>.json` and `<kind>-latest.json` (kind: `load`
+/// or `soak`); returns both paths.
+pub fn write_json(o: &Options, kind: &str, started: u64, json: &Value) -> std::io::Result<String> {
     let dir = o.out.clone().unwrap_or_else(default_out_dir);
     std::fs::create_dir_all(&dir)?;
     let text = serde_json::to_string_pretty(json).expect("JSON serializes");
-    let stamped = dir.join(format!("load-{started}.json"));
-    let latest = dir.join("load-latest.json");
+    let stamped = dir.join(format!("{kind}-{started}.json"));
+    let latest = dir.join(format!("{kind}-latest.json"));
     std::fs::write(&stamped, &text)?;
     std::fs::write(&latest, &text)?;
     Ok(format!("{} (and {})", stamped.display(), latest.display()))
@@ -506,7 +614,7 @@ pub fn compare(old: &Path, new: &Path) -> Result<(), String> {
     println!("old: {} {}", old.display(), describe(&ov));
     println!("new: {} {}", new.display(), describe(&nv));
     println!(
-        "{:<10} {:<9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
+        "{:<14} {:<9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
         "store",
         "scenario",
         "old req/s",
@@ -537,7 +645,7 @@ pub fn compare(old: &Path, new: &Path) -> Result<(), String> {
             _ => "-".into(),
         };
         println!(
-            "{:<10} {:<9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
+            "{:<14} {:<9} {:>9} {:>9} {:>7} {:>6} {:>6} {:>8} {:>8} {:>7} {:>7}",
             r.store,
             r.scenario,
             rps(a),

@@ -5,16 +5,24 @@
 //! unique table on the shared PostgreSQL and MariaDB servers (dropped at
 //! the end). `baseline` is the same gateway
 //! with sessions excluded on every path (`session.exclude: ["/"]`), which
-//! is what every other store is compared with.
+//! is what every other store is compared with. Three variants run `read`
+//! only: `baseline-quiet` (the baseline without access log and admin
+//! listener, issue 13) and `memory-sealed`, `redis-sealed` (the store with
+//! `session.seal: true`, issue 16).
 
 use crate::procs::{self, Proc};
 use std::path::Path;
 
-pub const ALL: [&str; 11] = [
+/// Every store, in run order: a variant right after what it is compared
+/// with, so both see the same background load.
+pub const ALL: [&str; 14] = [
     "baseline",
+    "baseline-quiet",
     "memory",
+    "memory-sealed",
     "filesystem",
     "redis",
+    "redis-sealed",
     "redis-near",
     "memcached",
     "sqlite",
@@ -35,6 +43,11 @@ pub struct StoreEnv {
     pub yaml: String,
     /// `session.exclude: ["/"]`: the baseline.
     pub sessions_off: bool,
+    /// `session.seal: true`.
+    pub seal: bool,
+    /// `access_log: false` and no admin listener (otherwise the access log
+    /// is written to a file and /metrics is scraped).
+    pub quiet: bool,
     /// A SQL table to drop at the end: (url, table).
     pub sql_table: Option<(String, String)>,
     /// The private store server (redis-server, memcached, SecantusDB,
@@ -43,12 +56,35 @@ pub struct StoreEnv {
     pub server: Option<Proc>,
 }
 
+/// Does `name` run only the `read` scenario? The variants do: their
+/// targets are about reads.
+pub fn read_only(name: &str) -> bool {
+    matches!(name, "baseline-quiet" | "memory-sealed" | "redis-sealed")
+}
+
 /// Set up `name` under `dir`. `run_id` makes table names unique.
 pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String> {
+    let (kind, seal, quiet) = match name {
+        "baseline-quiet" => ("baseline", false, true),
+        "memory-sealed" => ("memory", true, false),
+        "redis-sealed" => ("redis", true, false),
+        other => (other, false, false),
+    };
+    let mut env = prepare_kind(kind, name, dir, run_id)?;
+    env.seal = seal;
+    env.quiet = quiet;
+    Ok(env)
+}
+
+/// Set up a store of type `kind` (a name of [`ALL`] without variant) as
+/// `name`; a private server runs in `dir/<name>`.
+fn prepare_kind(kind: &str, name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String> {
     let env = |yaml: String| StoreEnv {
         name: name.to_string(),
         yaml,
         sessions_off: false,
+        seal: false,
+        quiet: false,
         sql_table: None,
         server: None,
     };
@@ -71,7 +107,7 @@ pub fn prepare(name: &str, dir: &Path, run_id: &str) -> Result<StoreEnv, String>
             ..env(yaml)
         })
     };
-    match name {
+    match kind {
         "baseline" => Ok(StoreEnv {
             sessions_off: true,
             ..env("{type: memory}".into())
