@@ -190,11 +190,58 @@ fn read_path(c: &mut Criterion) {
     g.finish();
 }
 
+/// What `session.seal: true` adds to a read: the hashed store key and
+/// opening the sealed value (HKDF + XChaCha20-Poly1305).
+fn sealed(c: &mut Criterion) {
+    use session_gateway::session::seal;
+    let mut g = c.benchmark_group("sealed");
+    let id = SessionId::generate(32);
+    for size in SIZES {
+        let plain = vec![b'x'; size];
+        let key = seal::store_key("session:", &id);
+        let value = seal::seal(&plain, &id, &key);
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::new("key+open", size), &value, |b, v| {
+            b.iter(|| {
+                let key = seal::store_key("session:", black_box(&id));
+                seal::open(black_box(v), &id, &key).unwrap()
+            })
+        });
+    }
+    g.finish();
+}
+
+/// One access log line through the installed subscriber (text format):
+/// what a request pays on its own thread for `access_log: true`. Run
+/// with stderr redirected (`2>/dev/null`): the lines are written there.
+fn access_line(c: &mut Criterion) {
+    session_gateway::telemetry::init("info", false);
+    let client: std::net::IpAddr = "203.0.113.7".parse().unwrap();
+    c.bench_function("access_log/line", |b| {
+        b.iter(|| {
+            tracing::info!(
+                target: session_gateway::telemetry::ACCESS,
+                request_id = %black_box("b1946ac92492d234"),
+                client = %client,
+                method = %"GET",
+                path = black_box("/api/items"),
+                status = 200u16,
+                duration_us = 412u64,
+                bytes = 1843u64,
+                session = "existing",
+                store_us = 35u64,
+                aborted = false,
+                "access"
+            )
+        })
+    });
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = cookie, record, patch, read_path
+    targets = cookie, record, patch, read_path, sealed, access_line
 }
 criterion_main!(benches);
