@@ -191,7 +191,7 @@ fn read_path(c: &mut Criterion) {
 }
 
 /// What `session.seal: true` adds to a read: the hashed store key and
-/// opening the sealed value (HKDF + XChaCha20-Poly1305).
+/// opening the sealed value (HKDF + AES-256-GCM).
 fn sealed(c: &mut Criterion) {
     use session_gateway::session::seal;
     let mut g = c.benchmark_group("sealed");

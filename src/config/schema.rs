@@ -268,7 +268,13 @@ fn parse_store(value: Value, session: &SessionSettings) -> Result<StoreSettings,
                 .div_ceil(3)
                 .max(if session.seal { 43 } else { 0 }),
         // Flag byte; sealed: magic, nonce and tag.
-        max_value_len: session.max_bytes + 1 + if session.seal { 2 + 24 + 16 } else { 0 },
+        max_value_len: session.max_bytes
+            + 1
+            + if session.seal {
+                crate::session::seal::OVERHEAD
+            } else {
+                0
+            },
     };
     let backend = crate::store::parse(&kind, Value::Mapping(map), &ctx)?;
     Ok(StoreSettings {
