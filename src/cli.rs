@@ -54,6 +54,14 @@ pub fn main() -> i32 {
     code
 }
 
+/// Print a failure as the last line on stderr, after every log line
+/// written before it (the log is buffered), and return exit code 1.
+fn fail(e: impl std::fmt::Display) -> i32 {
+    crate::telemetry::flush();
+    eprintln!("error: {e}");
+    1
+}
+
 fn run_cli() -> i32 {
     let cli = Cli::parse();
     let config = match &cli.config {
@@ -83,27 +91,18 @@ fn run_cli() -> i32 {
                 println!("{summary}");
                 0
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                1
-            }
+            Err(e) => fail(e),
         },
         Command::Cleanup => match crate::app::cleanup(&config) {
             Ok(n) => {
                 println!("removed {n} expired session(s)");
                 0
             }
-            Err(e) => {
-                eprintln!("error: {e}");
-                1
-            }
+            Err(e) => fail(e),
         },
         Command::Run => match crate::app::run(config, cli.config.clone(), cli.demo) {
             Ok(()) => 0,
-            Err(e) => {
-                eprintln!("error: {e}");
-                1
-            }
+            Err(e) => fail(e),
         },
     }
 }

@@ -520,6 +520,16 @@ pub fn print_targets(targets: &[Target]) {
     }
 }
 
+/// The `machine` object of every results file.
+pub fn machine_json(m: &Machine) -> Value {
+    json!({
+        "cpus": m.cpus,
+        "cpu_model": m.cpu_model,
+        "kernel": m.kernel,
+        "loadavg_at_start": m.loadavg,
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 pub fn to_json(
     m: &Machine,
@@ -536,12 +546,7 @@ pub fn to_json(
         "bench": "session-gateway load",
         "unix_time": started,
         "git": m.git,
-        "machine": {
-            "cpus": m.cpus,
-            "cpu_model": m.cpu_model,
-            "kernel": m.kernel,
-            "loadavg_at_start": m.loadavg,
-        },
+        "machine": machine_json(m),
         "options": {
             "stores": o.stores,
             "scenarios": o.scenarios,

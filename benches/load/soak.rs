@@ -6,7 +6,7 @@
 //! at most 10% growth. Bounded by D and by `--soak-max-requests`.
 
 use crate::options::Options;
-use crate::report::{fmt_dur, ms, opt, Machine, Target};
+use crate::report::{fmt_dur, machine_json, ms, opt, Machine, Target};
 use crate::stores::StoreEnv;
 use crate::{client, procs, procstat, Ctx, Scenario, SCRAPE_EVERY};
 use serde::Serialize;
@@ -288,12 +288,7 @@ pub fn to_json(
         "bench": "session-gateway soak",
         "unix_time": started,
         "git": m.git,
-        "machine": {
-            "cpus": m.cpus,
-            "cpu_model": m.cpu_model,
-            "kernel": m.kernel,
-            "loadavg_at_start": m.loadavg,
-        },
+        "machine": machine_json(m),
         "options": {
             "stores": o.soak_stores,
             "soak_s": o.soak.map(|d| d.as_secs_f64()),
