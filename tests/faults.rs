@@ -172,6 +172,7 @@ async fn with_memory_check(gw: &Gateway, fault: impl FnOnce()) -> Arc<Tally> {
     let tally = under_load(gw, Duration::from_millis(1500), fault).await;
     under_load(gw, Duration::from_millis(800), || {}).await;
     let after = rss_kib(gw.pid());
+    eprintln!("gateway RSS {before} KiB before the fault round, {after} KiB after");
     assert!(
         after * 10 <= before * 11,
         "gateway RSS grew from {before} KiB to {after} KiB"
