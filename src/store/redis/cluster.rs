@@ -110,15 +110,7 @@ impl ClusterPool {
         };
         watch.done = true;
         if let Err(e) = &result {
-            if e.is_io_error()
-                || e.is_timeout()
-                || e.is_connection_refusal()
-                || e.is_connection_dropped()
-                || matches!(
-                    e.kind(),
-                    redis::ErrorKind::ClusterDown | redis::ErrorKind::ClusterConnectionNotFound
-                )
-            {
+            if super::connection_trouble(e) {
                 self.note(generation, e.is_timeout());
             }
         }

@@ -716,18 +716,24 @@ fn message(e: &RedisError) -> String {
 /// Unreachable, slow or (partly) down => `Unavailable`, which the engine
 /// retries and answers per `on_store_error`; anything Redis itself refused
 /// (bad password, wrong type, script error) => `Backend`.
-fn map_err(e: RedisError) -> StoreError {
-    let unavailable = e.is_io_error()
+/// The connection, or the cluster behind it, is in trouble (rather than
+/// the command being refused): the cluster watch reacts to these.
+fn connection_trouble(e: &RedisError) -> bool {
+    e.is_io_error()
         || e.is_timeout()
         || e.is_connection_refusal()
         || e.is_connection_dropped()
         || matches!(
             e.kind(),
-            ErrorKind::ClusterDown
-                | ErrorKind::MasterDown
-                | ErrorKind::TryAgain
-                | ErrorKind::BusyLoadingError
-                | ErrorKind::ClusterConnectionNotFound
+            ErrorKind::ClusterDown | ErrorKind::ClusterConnectionNotFound
+        )
+}
+
+fn map_err(e: RedisError) -> StoreError {
+    let unavailable = connection_trouble(&e)
+        || matches!(
+            e.kind(),
+            ErrorKind::MasterDown | ErrorKind::TryAgain | ErrorKind::BusyLoadingError
         );
     if matches!(e.kind(), ErrorKind::Moved | ErrorKind::Ask) {
         return StoreError::Backend(
