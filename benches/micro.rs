@@ -211,30 +211,39 @@ fn sealed(c: &mut Criterion) {
     g.finish();
 }
 
-/// One access log line through the installed subscriber (text format):
-/// what a request pays on its own thread for `access_log: true`. Run
-/// with stderr redirected (`2>/dev/null`): the lines are written there.
+/// One access log line as a request writes it (`access_log: true`, text
+/// format): `direct` is the gateway's path (the target's level check, then
+/// the line formatted into the log buffer); `tracing` the same line as a
+/// `tracing` event through the fmt layer (the path for coloured terminal
+/// output). Run with stderr redirected (`2>/dev/null`): the lines are
+/// written there.
 fn access_line(c: &mut Criterion) {
-    session_gateway::telemetry::init("info", false);
-    let client: std::net::IpAddr = "203.0.113.7".parse().unwrap();
-    c.bench_function("access_log/line", |b| {
+    use session_gateway::telemetry::{self, AccessLine};
+    telemetry::init("info", false);
+    let line = AccessLine {
+        request_id: "b1946ac92492d234",
+        client: Some("203.0.113.7".parse().unwrap()),
+        method: "GET",
+        path: "/api/items",
+        status: 200,
+        duration_us: 412,
+        bytes: 1843,
+        session: "existing",
+        store_us: 35,
+        aborted: false,
+        error: None,
+    };
+    let mut g = c.benchmark_group("access_log");
+    g.bench_function("direct", |b| {
         b.iter(|| {
-            tracing::info!(
-                target: session_gateway::telemetry::ACCESS,
-                request_id = %black_box("b1946ac92492d234"),
-                client = %client,
-                method = %"GET",
-                path = black_box("/api/items"),
-                status = 200u16,
-                duration_us = 412u64,
-                bytes = 1843u64,
-                session = "existing",
-                store_us = 35u64,
-                aborted = false,
-                "access"
-            )
+            assert!(tracing::enabled!(target: telemetry::ACCESS, tracing::Level::INFO));
+            assert!(telemetry::write_access(black_box(&line)))
         })
     });
+    g.bench_function("tracing", |b| {
+        b.iter(|| telemetry::trace_access(black_box(&line)))
+    });
+    g.finish();
 }
 
 criterion_group! {

@@ -225,28 +225,34 @@ fn session_outcome(ctx: &RequestCtx) -> &'static str {
 }
 
 /// One line per request on the `access` target: no query string (it may
-/// carry secrets), nothing of the session's content.
+/// carry secrets), nothing of the session's content. Written straight into
+/// the log buffer ([`crate::telemetry::write_access`]), or as a `tracing`
+/// event where that is not available (coloured terminal output).
 fn access_log(session: &Session, e: Option<&Error>, ctx: &RequestCtx, status: u16, took: Duration) {
+    if !tracing::enabled!(target: crate::telemetry::ACCESS, tracing::Level::INFO) {
+        return;
+    }
     let req = session.req_header();
     let client = session
         .client_addr()
         .and_then(|a| a.as_inet())
         .map(|a| a.ip());
-    tracing::info!(
-        target: crate::telemetry::ACCESS,
-        request_id = %ctx.rq.id,
-        client = client.map(tracing::field::display),
-        method = %req.method,
-        path = req.uri.path(),
+    let line = crate::telemetry::AccessLine {
+        request_id: &ctx.rq.id,
+        client,
+        method: req.method.as_str(),
+        path: req.uri.path(),
         status,
-        duration_us = took.as_micros() as u64,
-        bytes = session.body_bytes_sent(),
-        session = session_outcome(ctx),
-        store_us = ctx.rq.store_time().as_micros() as u64,
-        aborted = ctx.aborted,
-        error = e.map(tracing::field::display),
-        "access"
-    );
+        duration_us: took.as_micros() as u64,
+        bytes: session.body_bytes_sent(),
+        session: session_outcome(ctx),
+        store_us: ctx.rq.store_time().as_micros() as u64,
+        aborted: ctx.aborted,
+        error: e.map(|e| e as &dyn std::fmt::Display),
+    };
+    if !crate::telemetry::write_access(&line) {
+        crate::telemetry::trace_access(&line);
+    }
 }
 
 fn add_vary_cookie(resp: &mut ResponseHeader) -> Result<()> {
