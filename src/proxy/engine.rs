@@ -59,6 +59,10 @@ pub enum SessionState {
         key: String,
         stored: StoredSession,
         expires_at: SystemTime,
+        /// The presented cookie value when it is signed with the current
+        /// key: exactly what signing the id again would give, so a
+        /// refresh sends it back without another HMAC.
+        signed: Option<String>,
         /// Stored larger than `session.max_bytes` allows (written before
         /// the limit was lowered): the upstream gets `{}` and
         /// `X-Session-Error: too-large`, so it can reset or trim it.
@@ -94,6 +98,17 @@ impl SessionState {
             _ => None,
         }
     }
+}
+
+/// The loaded session a response is committed for.
+#[derive(Clone, Copy)]
+struct Current<'a> {
+    id: &'a SessionId,
+    key: &'a str,
+    stored: &'a StoredSession,
+    expires_at: SystemTime,
+    /// See `SessionState::Existing::signed`.
+    signed: Option<&'a str>,
 }
 
 /// A request-time failure: the status and short text the client gets.
@@ -273,7 +288,7 @@ impl SessionEngine {
             return Ok(SessionState::Disabled);
         }
         let cookie_present = cookie.is_present();
-        let Some(id) = self.verify(cookie, rq) else {
+        let Some((id, signed)) = self.verify(cookie, rq) else {
             return Ok(SessionState::Fresh { cookie_present });
         };
         let key = self.key(&id, self.seal);
@@ -293,6 +308,7 @@ impl SessionEngine {
                     key,
                     stored,
                     expires_at,
+                    signed,
                     too_large,
                 })
             }
@@ -390,10 +406,14 @@ impl SessionEngine {
         }
     }
 
-    /// The session id of a verified cookie, if any.
-    fn verify(&self, cookie: Found, rq: &RequestInfo) -> Option<SessionId> {
+    /// The session id of a verified cookie, if any, with the cookie value
+    /// when it is signed with the current key.
+    fn verify(&self, cookie: Found, rq: &RequestInfo) -> Option<(SessionId, Option<String>)> {
         let id = match cookie {
-            Found::One(value) => self.verifier.verify(&value),
+            Found::One(value) => self
+                .verifier
+                .verify_with_key(&value)
+                .map(|(id, current)| (id, current.then_some(value))),
             Found::Absent => return None,
             Found::Duplicated => {
                 metrics::get().session(SessionEvent::InvalidCookie);
@@ -495,10 +515,17 @@ impl SessionEngine {
                 key,
                 stored,
                 expires_at,
+                signed,
                 ..
             } => {
-                self.commit_existing(id, key, stored, *expires_at, &directives, rq)
-                    .await
+                let current = Current {
+                    id,
+                    key,
+                    stored,
+                    expires_at: *expires_at,
+                    signed: signed.as_deref(),
+                };
+                self.commit_existing(current, &directives, rq).await
             }
         }
     }
@@ -632,13 +659,13 @@ impl SessionEngine {
 
     async fn commit_existing(
         &self,
-        id: &SessionId,
-        key: &str,
-        stored: &StoredSession,
-        expires_at: SystemTime,
+        loaded: Current<'_>,
         d: &Directives,
         rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
+        let Current {
+            id, key, stored, ..
+        } = loaded;
         if d.destroy {
             self.delete(key, rq, "delete").await?;
             tracing::debug!(request_id = %rq.id, "session destroyed");
@@ -669,8 +696,7 @@ impl SessionEngine {
                 created: false,
             });
         }
-        self.refresh(id, key, stored.permanent(), expires_at, rq)
-            .await
+        self.refresh(&loaded, rq).await
     }
 
     /// Apply the directives atomically in the store. `None`: the session
@@ -732,20 +758,18 @@ impl SessionEngine {
     /// `expiry_update_interval`.
     async fn refresh(
         &self,
-        id: &SessionId,
-        key: &str,
-        permanent: bool,
-        expires_at: SystemTime,
+        current: &Current<'_>,
         rq: &RequestInfo,
     ) -> Result<CommitResult, Failure> {
-        if !(self.session.refresh_each_request && permanent) {
+        let key = current.key;
+        if !(self.session.refresh_each_request && current.stored.permanent()) {
             return Ok(CommitResult {
                 set_cookie: None,
                 vary_cookie: true,
                 created: false,
             });
         }
-        if self.needs_touch(expires_at) {
+        if self.needs_touch(current.expires_at) {
             let touched = self
                 .call(rq, Op::Touch, true, written_or_missing, |s| async move {
                     s.touch(key, self.session.lifetime).await
@@ -760,8 +784,12 @@ impl SessionEngine {
                 Err(e) => return Err(self.store_failure(rq, "refresh", e)),
             }
         }
+        let cookie = match current.signed {
+            Some(value) => self.set_cookie.set_cookie(value, true),
+            None => self.cookie_for(current.id, true),
+        };
         Ok(CommitResult {
-            set_cookie: Some(self.cookie_for(id, true)),
+            set_cookie: Some(cookie),
             vary_cookie: true,
             created: false,
         })

@@ -92,6 +92,14 @@ impl CookieVerifier {
     /// The id in a cookie value if its signature verifies under any key.
     /// Anything malformed is simply `None`: never a panic, never an error.
     pub fn verify(&self, value: &str) -> Option<SessionId> {
+        self.verify_with_key(value).map(|(id, _)| id)
+    }
+
+    /// Like [`Self::verify`], and also says whether the value is signed
+    /// with the current (first) key: then it is byte for byte what
+    /// [`Self::sign`] makes for the id (the signature is deterministic and
+    /// only canonical base64 decodes), so it can be sent back as is.
+    pub fn verify_with_key(&self, value: &str) -> Option<(SessionId, bool)> {
         if value.len() > MAX_COOKIE_VALUE {
             return None;
         }
@@ -104,16 +112,19 @@ impl CookieVerifier {
             Ok(32) => {}
             _ => return None,
         }
-        // Check every key without an early exit so the time taken does not
-        // reveal which key (if any) matched.
         let mut ok = subtle::Choice::from(0u8);
-        for key in &self.keys {
+        let mut current = subtle::Choice::from(0u8);
+        for (i, key) in self.keys.iter().enumerate() {
             let mut mac = key.clone();
             mac.update(id.as_bytes());
             let expected: [u8; 32] = mac.finalize().into_bytes().into();
-            ok |= subtle::ConstantTimeEq::ct_eq(&expected[..], &given[..]);
+            let equal = subtle::ConstantTimeEq::ct_eq(&expected[..], &given[..]);
+            ok |= equal;
+            if i == 0 {
+                current = equal;
+            }
         }
-        bool::from(ok).then(|| SessionId(id.to_string()))
+        bool::from(ok).then(|| (SessionId(id.to_string()), bool::from(current)))
     }
 }
 
@@ -153,6 +164,17 @@ mod tests {
         let id = SessionId::generate(32);
         let value = v.sign(&id);
         assert_eq!(v.verify(&value), Some(id));
+    }
+
+    #[test]
+    fn a_value_signed_with_the_current_key_is_what_sign_makes() {
+        let rotated = verifier(&[K2, K1]);
+        let id = SessionId::generate(32);
+        let current = rotated.sign(&id);
+        assert_eq!(rotated.verify_with_key(&current), Some((id.clone(), true)));
+        let old = verifier(&[K1]).sign(&id);
+        assert_ne!(old, current);
+        assert_eq!(rotated.verify_with_key(&old), Some((id, false)));
     }
 
     #[test]
