@@ -112,6 +112,8 @@ impl CookieVerifier {
             Ok(32) => {}
             _ => return None,
         }
+        // Check every key without an early exit so the time taken does not
+        // reveal which key (if any) matched.
         let mut ok = subtle::Choice::from(0u8);
         let mut current = subtle::Choice::from(0u8);
         for (i, key) in self.keys.iter().enumerate() {
