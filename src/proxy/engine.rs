@@ -61,7 +61,8 @@ pub enum SessionState {
         expires_at: SystemTime,
         /// The presented cookie value when it is signed with the current
         /// key: exactly what signing the id again would give, so a
-        /// refresh sends it back without another HMAC.
+        /// response that sets the cookie again sends it without another
+        /// HMAC.
         signed: Option<String>,
         /// Stored larger than `session.max_bytes` allows (written before
         /// the limit was lowered): the upstream gets `{}` and
@@ -434,6 +435,15 @@ impl SessionEngine {
         id
     }
 
+    /// The cookie of a loaded session, sent again: the presented value
+    /// when it is signed with the current key, else signed now.
+    fn cookie_again(&self, current: &Current<'_>, permanent: bool) -> String {
+        match current.signed {
+            Some(value) => self.set_cookie.set_cookie(value, permanent),
+            None => self.cookie_for(current.id, permanent),
+        }
+    }
+
     fn cookie_for(&self, id: &SessionId, permanent: bool) -> String {
         self.set_cookie
             .set_cookie(&self.verifier.sign(id), permanent)
@@ -691,7 +701,7 @@ impl SessionEngine {
         }
         if written.is_some() {
             return Ok(CommitResult {
-                set_cookie: Some(self.cookie_for(id, current.permanent())),
+                set_cookie: Some(self.cookie_again(&loaded, current.permanent())),
                 vary_cookie: true,
                 created: false,
             });
@@ -784,12 +794,8 @@ impl SessionEngine {
                 Err(e) => return Err(self.store_failure(rq, "refresh", e)),
             }
         }
-        let cookie = match current.signed {
-            Some(value) => self.set_cookie.set_cookie(value, true),
-            None => self.cookie_for(current.id, true),
-        };
         Ok(CommitResult {
-            set_cookie: Some(cookie),
+            set_cookie: Some(self.cookie_again(current, true)),
             vary_cookie: true,
             created: false,
         })
