@@ -55,6 +55,15 @@ struct Sink {
 }
 
 impl Sink {
+    fn new() -> Arc<Sink> {
+        Arc::new(Sink {
+            buf: Mutex::new(Vec::with_capacity(64 * 1024)),
+            filled: Condvar::new(),
+            drained: Condvar::new(),
+            out: Mutex::new(()),
+        })
+    }
+
     fn lock(&self) -> MutexGuard<'_, Vec<u8>> {
         self.buf.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -129,12 +138,7 @@ fn filter(level: &str) -> EnvFilter {
 
 /// Install the global subscriber (once; later calls change nothing).
 pub fn init(level: &str, json: bool) {
-    let sink = Arc::new(Sink {
-        buf: Mutex::new(Vec::with_capacity(64 * 1024)),
-        filled: Condvar::new(),
-        drained: Condvar::new(),
-        out: Mutex::new(()),
-    });
+    let sink = Sink::new();
     let writer = SinkWriter(sink.clone());
     let (filter, handle) = reload::Layer::new(filter(level));
     let ansi = !json && std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -217,12 +221,13 @@ pub fn write_access(line: &AccessLine<'_>) -> bool {
     thread_local! {
         static LINE: std::cell::RefCell<String> = std::cell::RefCell::new(String::with_capacity(512));
     }
+    let now = std::time::SystemTime::now();
     LINE.with(|buf| {
         let mut buf = buf.borrow_mut();
         buf.clear();
         match format {
-            Format::Text => access_text(&mut buf, line, std::time::SystemTime::now()),
-            Format::Json => access_json(&mut buf, line, std::time::SystemTime::now()),
+            Format::Text => access_text(&mut buf, line, now),
+            Format::Json => access_json(&mut buf, line, now),
         }
         sink.append(buf.as_bytes());
     });
@@ -416,33 +421,12 @@ fn directives(level: &str) -> String {
 mod tests {
     use super::*;
 
-    /// A writer the fmt layer formats into, for comparing lines.
-    #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
-
-    impl Write for Captured {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(b);
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-        type Writer = Captured;
-        fn make_writer(&'a self) -> Captured {
-            self.clone()
-        }
-    }
-
     /// What the fmt layer writes for [`trace_access`] (as configured in
     /// [`init`]).
     fn traced(line: &AccessLine<'_>, json: bool) -> String {
-        let out = Captured::default();
+        let sink = Sink::new();
         let fmt = tracing_subscriber::fmt::layer()
-            .with_writer(out.clone())
+            .with_writer(SinkWriter(sink.clone()))
             .with_target(false)
             .with_ansi(false);
         if json {
@@ -452,7 +436,7 @@ mod tests {
         } else {
             tracing::subscriber::with_default(Registry::default().with(fmt), || trace_access(line));
         }
-        let bytes = out.0.lock().unwrap().clone();
+        let bytes = std::mem::take(&mut *sink.lock());
         String::from_utf8(bytes).unwrap()
     }
 
