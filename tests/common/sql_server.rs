@@ -1032,4 +1032,55 @@ pub async fn outage_then_recovery(server: &mut impl PrivateServer) {
     assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1, "b": 2}));
     // The outage is logged as errors.
     s.gw.wait_log_line(|l| l.contains("ERROR"));
+
+    // The server closes the gateway's idle connections (an admin, a
+    // failover, an idle timeout on the server or a proxy), no request
+    // failing meanwhile. After a quiet second a connection is pinged
+    // before use, so even a new visitor's first write (a create, which is
+    // not retried) is served.
+    let killed = kill_other_connections(server).await;
+    assert!(killed >= 1, "the gateway had pooled connections");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let visitor = Browser::new(&s.gw);
+    let r = visitor.patch("/", json!({"c": 3})).await;
+    assert_eq!(
+        r.status,
+        200,
+        "first write after the server closed the idle connections: {}\n{}",
+        r.text,
+        s.gw.log()
+    );
+    assert_eq!(visitor.get("/", &[]).await.session(), json!({"c": 3}));
+}
+
+/// Close every client connection of the server but the caller's own;
+/// returns how many.
+async fn kill_other_connections(server: &impl PrivateServer) -> usize {
+    let db = reachable(server.kind(), &server.url()).await;
+    let ids = match server.kind() {
+        Kind::Postgres => {
+            db.strings(
+                "SELECT pid::text FROM pg_stat_activity \
+                 WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+            )
+            .await
+        }
+        Kind::MySql => {
+            db.strings(
+                "SELECT CAST(ID AS CHAR) FROM information_schema.PROCESSLIST \
+                 WHERE ID <> CONNECTION_ID() AND COMMAND NOT IN ('Daemon', 'Binlog Dump')",
+            )
+            .await
+        }
+        Kind::Sqlite => unreachable!("sqlite has no server"),
+    };
+    for id in &ids {
+        let sql = match server.kind() {
+            Kind::Postgres => format!("SELECT pg_terminate_backend({id})"),
+            _ => format!("KILL {id}"),
+        };
+        db.execute(&sql).await;
+    }
+    db.close().await;
+    ids.len()
 }

@@ -16,6 +16,7 @@
 //! - `purge_expired` deletes in bounded batches.
 
 mod mysql;
+mod pool;
 mod postgres;
 mod sqlite;
 
@@ -458,20 +459,6 @@ pub async fn connect(cfg: &SqlConfig) -> Result<Arc<dyn SessionStore>, StoreErro
     };
     tracing::debug!("sql store ready: {}", cfg.describe());
     Ok(store)
-}
-
-/// Pool settings shared by the dialects.
-fn pool_options<DB: sqlx::Database>(cfg: &SqlConfig) -> sqlx::pool::PoolOptions<DB> {
-    sqlx::pool::PoolOptions::new()
-        .max_connections(cfg.max_connections)
-        .min_connections(0)
-        .acquire_timeout(cfg.acquire_timeout)
-        // A connection that died with a database restart is noticed by
-        // the ping before it is handed out and replaced, so the gateway
-        // recovers by itself when the database is back.
-        .test_before_acquire(true)
-        .idle_timeout(Some(Duration::from_secs(600)))
-        .max_lifetime(Some(Duration::from_secs(1800)))
 }
 
 #[cfg(test)]

@@ -28,16 +28,17 @@
 //!   `cleanup`) take a named lock (`GET_LOCK`) without waiting: one
 //!   purges, the others skip that round.
 
+use super::pool::{pooled, Pool};
 use super::{
-    classify, decide, loaded, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
-    Dialect, Locked, SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
+    SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
 use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::error::ErrorKind;
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool};
-use sqlx::{ConnectOptions, Row};
+use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
+use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -134,7 +135,7 @@ impl Sql {
 }
 
 pub(super) struct MySqlStore {
-    pool: MySqlPool,
+    pool: Pool<MySqlConnection>,
     table: TableName,
     sql: Sql,
     /// Name of the server-wide lock purgers of this table take.
@@ -158,14 +159,14 @@ impl MySqlStore {
             .log_statements(tracing_log::log::LevelFilter::Trace)
             .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
         let purge_lock = purge_lock_name(options.get_database(), &cfg.table);
-        let pool = pool_options(cfg).connect_lazy_with(options);
+        let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
         let store = MySqlStore {
             pool,
             table: cfg.table.clone(),
             sql: Sql::new(&cfg.table),
             purge_lock,
         };
-        drop(store.pool.acquire().await.map_err(err)?);
+        store.pool.open_one().await.map_err(err)?;
         if cfg.create_table {
             store.ensure_table().await?;
         }
@@ -179,28 +180,42 @@ impl MySqlStore {
         if self.probe().await.is_ok() {
             return Ok(());
         }
-        sqlx::raw_sql(&self.sql.ddl)
-            .execute(&self.pool)
-            .await
-            .map_err(|e| {
-                StoreError::Backend(format!(
-                    "store.table: cannot create table `{}`: mysql: {e}",
-                    self.table
-                ))
-            })?;
+        // `query` rather than `raw_sql`: the latter's executor bounds make
+        // this future fail the `Send` check callers need.
+        pooled!(self.pool, |c| sqlx::query(&self.sql.ddl)
+            .persistent(false)
+            .execute(c))
+        .map_err(|e| {
+            StoreError::Backend(format!(
+                "store.table: cannot create table `{}`: mysql: {e}",
+                self.table
+            ))
+        })?;
         tracing::info!(table = %self.table, "created the session table (if it was missing)");
         Ok(())
     }
 
     async fn probe(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(&self.sql.probe)
-            .fetch_optional(&self.pool)
-            .await
-            .map(drop)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.probe)
+            .fetch_optional(c))
+        .map(drop)
     }
 
     async fn try_update(&self, key: &str, ttl: Duration, f: &UpdateFn<'_>) -> Attempt {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
+        let result = self.update_on(&mut conn, key, ttl, f).await;
+        conn.done(result)
+    }
+
+    /// One update attempt on `conn`, in a transaction.
+    async fn update_on(
+        &self,
+        conn: &mut MySqlConnection,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Attempt {
+        let mut tx = conn.begin().await?;
         let (now, expires) = now_and_expiry(ttl);
         let row = sqlx::query(&self.sql.lock)
             .bind(key)
@@ -238,12 +253,11 @@ impl MySqlStore {
 #[async_trait]
 impl SessionStore for MySqlStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let row = sqlx::query(&self.sql.load)
+        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
             .bind(key)
             .bind(now_micros())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(err)?;
+            .fetch_optional(c))
+        .map_err(err)?;
         let Some(row) = row else { return Ok(None) };
         let data: Vec<u8> = row.try_get(0).map_err(err)?;
         let expires_us: i64 = row.try_get(1).map_err(err)?;
@@ -253,18 +267,16 @@ impl SessionStore for MySqlStore {
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
         // Only an expired row goes; a live one makes the insert fail below.
-        sqlx::query(&self.sql.delete_expired)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.delete_expired)
             .bind(key)
             .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
-        let inserted = sqlx::query(&self.sql.insert)
+            .execute(c))
+        .map_err(err)?;
+        let inserted = pooled!(self.pool, |c| sqlx::query(&self.sql.insert)
             .bind(key)
             .bind(&value[..])
             .bind(expires)
-            .execute(&self.pool)
-            .await;
+            .execute(c));
         match inserted {
             Ok(_) => Ok(true),
             Err(sqlx::Error::Database(db)) if db.kind() == ErrorKind::UniqueViolation => Ok(false),
@@ -293,23 +305,21 @@ impl SessionStore for MySqlStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.sql.delete)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.delete)
             .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(())
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
-        let done = sqlx::query(&self.sql.touch)
+        let done = pooled!(self.pool, |c| sqlx::query(&self.sql.touch)
             .bind(expires)
             .bind(key)
             .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(done.rows_affected() >= 1)
     }
 
@@ -370,10 +380,7 @@ impl SessionStore for MySqlStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+        pooled!(self.pool, |c| sqlx::query("SELECT 1").execute(c)).map_err(err)?;
         self.probe().await.map_err(|e| match e {
             sqlx::Error::Database(_) => missing_table(Dialect::MySql, &self.table, e),
             other => err(other),

@@ -21,15 +21,16 @@
 //! - Times are bound as microseconds since the epoch and converted in SQL,
 //!   exactly (no float rounding), without a date-time crate.
 
+use super::pool::{pooled, Pool};
 use super::{
-    classify, decide, loaded, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
-    Dialect, Locked, SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
+    SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
 use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::postgres::{PgConnectOptions, PgPool};
-use sqlx::{ConnectOptions, Row};
+use sqlx::postgres::{PgConnectOptions, PgConnection};
+use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -125,7 +126,7 @@ impl Sql {
 }
 
 pub(super) struct PgStore {
-    pool: PgPool,
+    pool: Pool<PgConnection>,
     table: TableName,
     sql: Sql,
 }
@@ -136,7 +137,7 @@ impl PgStore {
             .map_err(StoreError::backend)?
             .log_statements(tracing_log::log::LevelFilter::Trace)
             .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
-        let pool = pool_options(cfg).connect_lazy_with(options);
+        let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
         let store = PgStore {
             pool,
             table: cfg.table.clone(),
@@ -144,7 +145,7 @@ impl PgStore {
         };
         // Establish a connection now: a bad URL or a dead server fails this
         // call, which the store handle does not cache.
-        drop(store.pool.acquire().await.map_err(err)?);
+        store.pool.open_one().await.map_err(err)?;
         if cfg.create_table {
             store.ensure_table().await?;
         }
@@ -158,7 +159,8 @@ impl PgStore {
         if self.probe().await.is_ok() {
             return Ok(());
         }
-        let mut tx = self.pool.begin().await.map_err(err)?;
+        let mut conn = self.pool.acquire().await.map_err(err)?;
+        let mut tx = conn.begin().await.map_err(err)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
             .bind(format!("session-gateway:{}", self.table))
             .execute(&mut *tx)
@@ -179,19 +181,32 @@ impl PgStore {
                 })?;
         }
         tx.commit().await.map_err(err)?;
+        conn.done(Ok(())).map_err(err)?;
         tracing::info!(table = %self.table, "created the session table (if it was missing)");
         Ok(())
     }
 
     async fn probe(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(&self.sql.probe)
-            .fetch_optional(&self.pool)
-            .await
-            .map(drop)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.probe)
+            .fetch_optional(c))
+        .map(drop)
     }
 
     async fn try_update(&self, key: &str, ttl: Duration, f: &UpdateFn<'_>) -> Attempt {
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.pool.acquire().await?;
+        let result = self.update_on(&mut conn, key, ttl, f).await;
+        conn.done(result)
+    }
+
+    /// One update attempt on `conn`, in a transaction.
+    async fn update_on(
+        &self,
+        conn: &mut PgConnection,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Attempt {
+        let mut tx = conn.begin().await?;
         let (now, expires) = now_and_expiry(ttl);
         let row = sqlx::query(&self.sql.lock)
             .bind(key)
@@ -229,12 +244,11 @@ impl PgStore {
 #[async_trait]
 impl SessionStore for PgStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let row = sqlx::query(&self.sql.load)
+        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
             .bind(key)
             .bind(now_micros())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(err)?;
+            .fetch_optional(c))
+        .map_err(err)?;
         let Some(row) = row else { return Ok(None) };
         let data: Vec<u8> = row.try_get(0).map_err(err)?;
         let expires_us: i64 = row.try_get(1).map_err(err)?;
@@ -243,14 +257,13 @@ impl SessionStore for PgStore {
 
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
-        let done = sqlx::query(&self.sql.create)
+        let done = pooled!(self.pool, |c| sqlx::query(&self.sql.create)
             .bind(key)
             .bind(&value[..])
             .bind(expires)
             .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -275,23 +288,21 @@ impl SessionStore for PgStore {
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        sqlx::query(&self.sql.delete)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.delete)
             .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(())
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
-        let done = sqlx::query(&self.sql.touch)
+        let done = pooled!(self.pool, |c| sqlx::query(&self.sql.touch)
             .bind(key)
             .bind(expires)
             .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -299,12 +310,11 @@ impl SessionStore for PgStore {
         let now = now_micros();
         let mut removed = 0;
         for _ in 0..PURGE_MAX_BATCHES {
-            let n = sqlx::query(&self.sql.purge)
+            let n = pooled!(self.pool, |c| sqlx::query(&self.sql.purge)
                 .bind(now)
-                .execute(&self.pool)
-                .await
-                .map_err(err)?
-                .rows_affected();
+                .execute(c))
+            .map_err(err)?
+            .rows_affected();
             removed += n;
             if n < PURGE_BATCH {
                 return Ok(removed);
@@ -318,10 +328,7 @@ impl SessionStore for PgStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+        pooled!(self.pool, |c| sqlx::query("SELECT 1").execute(c)).map_err(err)?;
         self.probe().await.map_err(|e| match e {
             sqlx::Error::Database(_) => missing_table(Dialect::Postgres, &self.table, e),
             other => err(other),

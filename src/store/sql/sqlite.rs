@@ -21,15 +21,16 @@
 //! second gateway) can neither interleave nor turn it into a deadlock;
 //! such writers wait up to the busy timeout.
 
+use super::pool::{pooled, Pool};
 use super::{
-    classify, decide, loaded, missing_table, now_and_expiry, now_micros, pool_options, Attempt,
-    Dialect, Locked, SqlConfig, TableName, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
+    SqlConfig, TableName, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
 use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use bytes::Bytes;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqliteSynchronous};
-use sqlx::{ConnectOptions, Row};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqliteSynchronous};
+use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
 use std::time::Duration;
 use tokio::sync::Mutex;
@@ -61,7 +62,7 @@ struct Sql {
     touch: String,
     purge: String,
     probe: String,
-    ddl: String,
+    ddl: [String; 2],
 }
 
 impl Sql {
@@ -90,21 +91,25 @@ impl Sql {
                  (SELECT id FROM {t} WHERE expires <= ? ORDER BY expires LIMIT {PURGE_BATCH})"
             ),
             probe: format!("SELECT id, data, expires FROM {t} WHERE 1 = 0"),
-            ddl: format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\n    \
-                     id      VARCHAR(255) PRIMARY KEY NOT NULL,\n    \
-                     data    BLOB         NOT NULL,\n    \
-                     expires INTEGER      NOT NULL\n\
-                 );\n\
-                 CREATE INDEX IF NOT EXISTS {index} ON \"{}\" (expires);",
-                table.name
-            ),
+            ddl: [
+                format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (\n    \
+                         id      VARCHAR(255) PRIMARY KEY NOT NULL,\n    \
+                         data    BLOB         NOT NULL,\n    \
+                         expires INTEGER      NOT NULL\n\
+                     )"
+                ),
+                format!(
+                    "CREATE INDEX IF NOT EXISTS {index} ON \"{}\" (expires)",
+                    table.name
+                ),
+            ],
         }
     }
 }
 
 pub(super) struct SqliteStore {
-    pool: SqlitePool,
+    pool: Pool<SqliteConnection>,
     table: TableName,
     sql: Sql,
     /// Serializes this process's writes (see the module comment).
@@ -125,20 +130,18 @@ impl SqliteStore {
             .log_statements(tracing_log::log::LevelFilter::Trace)
             .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
         let file = options.get_filename().display().to_string();
-        let pool = pool_options(cfg).connect_lazy_with(options);
+        let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
         let store = SqliteStore {
             pool,
             table: cfg.table.clone(),
             sql: Sql::new(&cfg.table),
             write: Mutex::new(()),
         };
-        drop(
-            store
-                .pool
-                .acquire()
-                .await
-                .map_err(|e| StoreError::Backend(format!("sqlite: cannot open {file}: {e}")))?,
-        );
+        store
+            .pool
+            .open_one()
+            .await
+            .map_err(|e| StoreError::Backend(format!("sqlite: cannot open {file}: {e}")))?;
         if cfg.create_table {
             store.ensure_table().await?;
         }
@@ -150,28 +153,44 @@ impl SqliteStore {
             return Ok(());
         }
         let _write = self.write.lock().await;
-        sqlx::raw_sql(&self.sql.ddl)
-            .execute(&self.pool)
-            .await
+        for statement in &self.sql.ddl {
+            // `query` rather than `raw_sql`: the latter's executor bounds
+            // make this future fail the `Send` check callers need.
+            pooled!(self.pool, |c| sqlx::query(statement)
+                .persistent(false)
+                .execute(c))
             .map_err(|e| {
                 StoreError::Backend(format!(
                     "store.table: cannot create table `{}`: sqlite: {e}",
                     self.table
                 ))
             })?;
+        }
         tracing::info!(table = %self.table, "created the session table (if it was missing)");
         Ok(())
     }
 
     async fn probe(&self) -> Result<(), sqlx::Error> {
-        sqlx::query(&self.sql.probe)
-            .fetch_optional(&self.pool)
-            .await
-            .map(drop)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.probe)
+            .fetch_optional(c))
+        .map(drop)
     }
 
     async fn try_update(&self, key: &str, ttl: Duration, f: &UpdateFn<'_>) -> Attempt {
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        let mut conn = self.pool.acquire().await?;
+        let result = self.update_on(&mut conn, key, ttl, f).await;
+        conn.done(result)
+    }
+
+    /// One update attempt on `conn`, in a transaction.
+    async fn update_on(
+        &self,
+        conn: &mut SqliteConnection,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Attempt {
+        let mut tx = conn.begin_with("BEGIN IMMEDIATE").await?;
         let (now, expires) = now_and_expiry(ttl);
         let row = sqlx::query(&self.sql.lock)
             .bind(key)
@@ -209,12 +228,11 @@ impl SqliteStore {
 #[async_trait]
 impl SessionStore for SqliteStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let row = sqlx::query(&self.sql.load)
+        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
             .bind(key)
             .bind(now_micros())
-            .fetch_optional(&self.pool)
-            .await
-            .map_err(err)?;
+            .fetch_optional(c))
+        .map_err(err)?;
         let Some(row) = row else { return Ok(None) };
         let data: Vec<u8> = row.try_get(0).map_err(err)?;
         let expires_us: i64 = row.try_get(1).map_err(err)?;
@@ -224,14 +242,13 @@ impl SessionStore for SqliteStore {
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
         let _write = self.write.lock().await;
-        let done = sqlx::query(&self.sql.create)
+        let done = pooled!(self.pool, |c| sqlx::query(&self.sql.create)
             .bind(key)
             .bind(&value[..])
             .bind(expires)
             .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -253,24 +270,22 @@ impl SessionStore for SqliteStore {
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
         let _write = self.write.lock().await;
-        sqlx::query(&self.sql.delete)
+        pooled!(self.pool, |c| sqlx::query(&self.sql.delete)
             .bind(key)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(())
     }
 
     async fn touch(&self, key: &str, ttl: Duration) -> Result<bool, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
         let _write = self.write.lock().await;
-        let done = sqlx::query(&self.sql.touch)
+        let done = pooled!(self.pool, |c| sqlx::query(&self.sql.touch)
             .bind(expires)
             .bind(key)
             .bind(now)
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+            .execute(c))
+        .map_err(err)?;
         Ok(done.rows_affected() == 1)
     }
 
@@ -282,12 +297,11 @@ impl SessionStore for SqliteStore {
             // between batches.
             let n = {
                 let _write = self.write.lock().await;
-                sqlx::query(&self.sql.purge)
+                pooled!(self.pool, |c| sqlx::query(&self.sql.purge)
                     .bind(now)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(err)?
-                    .rows_affected()
+                    .execute(c))
+                .map_err(err)?
+                .rows_affected()
             };
             removed += n;
             if n < PURGE_BATCH {
@@ -302,10 +316,7 @@ impl SessionStore for SqliteStore {
     }
 
     async fn check(&self) -> Result<(), StoreError> {
-        sqlx::query("SELECT 1")
-            .execute(&self.pool)
-            .await
-            .map_err(err)?;
+        pooled!(self.pool, |c| sqlx::query("SELECT 1").execute(c)).map_err(err)?;
         self.probe().await.map_err(|e| match e {
             sqlx::Error::Database(_) => missing_table(Dialect::Sqlite, &self.table, e),
             other => err(other),
