@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod reload;
 pub mod session;
+mod sharded_lru;
 pub mod store;
 pub mod telemetry;
 pub mod tls;

@@ -15,22 +15,17 @@
 //! - while tracking is not live, nothing is served and nothing is stored,
 //!   and every transition empties the map.
 //!
-//! LRU order is kept per shard (up to 16 shards, each `max_entries /
-//! shards` entries), so the bound on entries is exact and the eviction
-//! order is approximately global LRU. Locks are plain mutexes held for a
-//! map operation only, never across an await.
+//! The map is a [`ShardedLru`]: the bound on entries is exact, eviction is
+//! approximately global LRU, and a shard's lock is held for a map
+//! operation only, never across an await.
 
 use crate::session::{Loaded, NearCacheStats};
+use crate::sharded_lru::ShardedLru;
 use bytes::Bytes;
-use lru::LruCache;
-use std::hash::{BuildHasher, RandomState};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
-
-/// Most shards; fewer when `max_entries` is smaller, so each has room.
-const MAX_SHARDS: usize = 16;
 
 enum Slot {
     /// A read of this key is in flight; its reply may be stored.
@@ -73,8 +68,7 @@ struct Control {
 }
 
 pub struct NearCache {
-    shards: Box<[Mutex<LruCache<String, Slot>>]>,
-    hasher: RandomState,
+    map: ShardedLru<Slot>,
     /// Entries may be served and stored. Only changed under `control`,
     /// read under a shard lock.
     live: AtomicBool,
@@ -88,13 +82,8 @@ pub struct NearCache {
 
 impl NearCache {
     pub fn new(max_entries: NonZeroUsize) -> NearCache {
-        let shards = max_entries.get().min(MAX_SHARDS);
-        let per_shard = NonZeroUsize::new(max_entries.get() / shards).unwrap_or(NonZeroUsize::MIN);
         NearCache {
-            shards: (0..shards)
-                .map(|_| Mutex::new(LruCache::new(per_shard)))
-                .collect(),
-            hasher: RandomState::new(),
+            map: ShardedLru::new(max_entries),
             live: AtomicBool::new(false),
             control: Mutex::new(Control {
                 generation: 0,
@@ -108,17 +97,10 @@ impl NearCache {
         }
     }
 
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, LruCache<String, Slot>> {
-        let i = (self.hasher.hash_one(key) % self.shards.len() as u64) as usize;
-        // A panic while holding a shard cannot leave a half-made entry
-        // (every operation is one map call), so a poisoned lock is usable.
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// The live entry of `key`, or a ticket to read it from Redis.
     pub fn lookup(&self, key: &str) -> Lookup {
         let now = Instant::now();
-        let mut map = self.shard(key);
+        let mut map = self.map.shard(key);
         if !self.live.load(Ordering::Acquire) {
             drop(map);
             self.count_miss();
@@ -167,7 +149,7 @@ impl NearCache {
         fetched: Fetched,
         pttl: std::time::Duration,
     ) {
-        let mut map = self.shard(key);
+        let mut map = self.map.shard(key);
         if let Some(slot) = map.peek_mut(key) {
             if matches!(slot, Slot::Pending(t) if *t == ticket.0) {
                 *slot = Slot::Ready {
@@ -181,7 +163,7 @@ impl NearCache {
 
     /// The read of `ticket` found nothing to store (no key, an error).
     pub fn cancel(&self, key: &str, ticket: Ticket) {
-        let mut map = self.shard(key);
+        let mut map = self.map.shard(key);
         if matches!(map.peek(key), Some(Slot::Pending(t)) if *t == ticket.0) {
             map.pop(key);
         }
@@ -189,7 +171,7 @@ impl NearCache {
 
     /// Forget `key` (Redis said it changed, or this process changed it).
     pub fn invalidate(&self, key: &str) {
-        if self.shard(key).pop(key).is_some() {
+        if self.map.shard(key).pop(key).is_some() {
             self.invalidations.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -201,9 +183,7 @@ impl NearCache {
     }
 
     fn clear(&self) {
-        for shard in self.shards.iter() {
-            shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
-        }
+        self.map.clear();
     }
 
     /// [`Self::clear`], counted: the cache lost what it held.
@@ -265,12 +245,10 @@ impl NearCache {
 
     pub fn stats(&self) -> NearCacheStats {
         let entries = self
-            .shards
-            .iter()
+            .map
+            .shards()
             .map(|s| {
-                s.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .iter()
+                s.iter()
                     .filter(|(_, slot)| matches!(slot, Slot::Ready { .. }))
                     .count() as u64
             })
