@@ -124,6 +124,8 @@ pub struct Metrics {
     reloads_error: IntCounter,
     pub near_cache_hits: IntCounter,
     pub near_cache_misses: IntCounter,
+    pub seal_cache_hits: IntCounter,
+    pub seal_cache_misses: IntCounter,
 }
 
 static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
@@ -221,6 +223,14 @@ impl Metrics {
             "session_gateway_near_cache_misses_total",
             "Session reads the near cache could not answer",
         );
+        let seal_cache_hits = counter(
+            "session_gateway_seal_cache_hits_total",
+            "Sealed session values found opened in the open cache (no decryption)",
+        );
+        let seal_cache_misses = counter(
+            "session_gateway_seal_cache_misses_total",
+            "Sealed session values the open cache did not hold (decrypted)",
+        );
         let classes = ["1xx", "2xx", "3xx", "4xx", "5xx", "other"];
         let mut store_ops = Vec::new();
         for op in Op::ALL {
@@ -239,6 +249,8 @@ impl Metrics {
             reloads_error: reloads.with_label_values(&["error"]),
             near_cache_hits,
             near_cache_misses,
+            seal_cache_hits,
+            seal_cache_misses,
             registry,
         }
     }
@@ -299,6 +311,7 @@ mod tests {
             "session_gateway_store_operations_total{op=\"load\",outcome=\"timeout\"} 0",
             "session_gateway_sessions_total{event=\"expired\"} 1",
             "session_gateway_upstream_errors_total 0",
+            "session_gateway_seal_cache_hits_total 0",
             "session_gateway_config_reloads_total{result=\"error\"} 0",
             "session_gateway_store_operation_duration_seconds_count{op=\"touch\"} 1",
         ] {

@@ -23,8 +23,13 @@
 //! Sealed value layout: `S2` + nonce (12 bytes) + ciphertext + tag (16
 //! bytes). (`S1`, XChaCha20-Poly1305, never shipped in a release; such a
 //! value does not open, like any foreign value.)
+//!
+//! Reads of a session the gateway opened (or wrote) recently skip the key
+//! derivation and the decryption: [`OpenCache`] (`session.seal_cache`)
+//! remembers, per store key, the sealed value and what it opened to.
 
-use super::SessionId;
+use super::{SessionId, StoredSession};
+use crate::sharded_lru::ShardedLru;
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -32,6 +37,7 @@ use base64::Engine;
 use bytes::Bytes;
 use hkdf::Hkdf;
 use sha2::{Digest, Sha256};
+use std::num::NonZeroUsize;
 
 /// The HKDF `info` of the value key. Changing it makes every sealed
 /// session unreadable: it is part of the format.
@@ -98,6 +104,113 @@ pub fn open(sealed: &[u8], id: &SessionId, store_key: &str) -> Result<Vec<u8>, S
         .map_err(|_| "sealed session does not decrypt (tampered, moved or foreign)".to_string())
 }
 
+/// [`open`], then check the stored form inside.
+pub fn open_stored(
+    sealed: &[u8],
+    id: &SessionId,
+    store_key: &str,
+) -> Result<StoredSession, String> {
+    StoredSession::decode(Bytes::from(open(sealed, id, store_key)?))
+}
+
+/// The open cache (`session.seal_cache`): for up to `max_entries` store
+/// keys, the sealed value last read from or written to the store and the
+/// stored form it opens to, least recently used forgotten first.
+///
+/// It is an exact memo of [`open_stored`]: the store key is derived from
+/// the id (`key_prefix` + SHA-256(id)), so one key always means one id and
+/// one value key, and an entry is used only when the value the store holds
+/// now is byte for byte the cached one. Any other value (written by
+/// another gateway, tampered with, moved from another key) is opened as
+/// without the cache, and a value that does not open is never cached. An
+/// entry left behind by a change elsewhere is therefore never wrong, only
+/// unused; removing entries of destroyed sessions only gets plaintext out
+/// of memory sooner. The cost: the plaintexts of recently used sessions
+/// stay in the gateway's memory.
+pub struct OpenCache {
+    map: ShardedLru<Opened>,
+}
+
+struct Opened {
+    /// The sealed value as the store holds it.
+    sealed: Bytes,
+    /// What it opens to.
+    stored: StoredSession,
+}
+
+/// `a` and `b` hold the same bytes; the same memory is the cheap case
+/// (the memory store and the Redis near cache hand out the `Bytes` they
+/// keep). Not constant-time: the bytes compared are a ciphertext that the
+/// store holds anyway.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
+}
+
+impl OpenCache {
+    /// A cache of at most `max_entries` opened sessions; `None` for 0
+    /// (`session.seal_cache: 0`: every read decrypts).
+    pub fn new(max_entries: usize) -> Option<OpenCache> {
+        NonZeroUsize::new(max_entries).map(|n| OpenCache {
+            map: ShardedLru::new(n),
+        })
+    }
+
+    /// The stored form `sealed` opens to under `store_key`, if the cache
+    /// holds exactly this value for that key.
+    pub fn get(&self, store_key: &str, sealed: &[u8]) -> Option<StoredSession> {
+        let hit = match self.map.shard(store_key).get(store_key) {
+            Some(e) if same_bytes(&e.sealed, sealed) => Some(e.stored.clone()),
+            _ => None,
+        };
+        let m = crate::metrics::get();
+        match hit {
+            Some(_) => m.seal_cache_hits.inc(),
+            None => m.seal_cache_misses.inc(),
+        }
+        hit
+    }
+
+    /// Remember that `sealed`, held under `store_key`, opens to `stored`.
+    /// Only for a pair that [`open_stored`] would give: a value just
+    /// opened, or one just sealed from `stored` for this key.
+    pub fn insert(&self, store_key: &str, sealed: Bytes, stored: StoredSession) {
+        self.map
+            .shard(store_key)
+            .put(store_key.to_owned(), Opened { sealed, stored });
+    }
+
+    /// Forget `store_key` (its session was destroyed or moved).
+    pub fn remove(&self, store_key: &str) {
+        self.map.shard(store_key).pop(store_key);
+    }
+
+    /// [`open_stored`] through the cache: the cached stored form when
+    /// `sealed` is the cached value of `store_key`, else opened and, if it
+    /// opens, remembered.
+    pub fn open(
+        &self,
+        sealed: &Bytes,
+        id: &SessionId,
+        store_key: &str,
+    ) -> Result<StoredSession, String> {
+        if let Some(stored) = self.get(store_key, sealed) {
+            return Ok(stored);
+        }
+        let stored = open_stored(sealed, id, store_key)?;
+        self.insert(store_key, sealed.clone(), stored.clone());
+        Ok(stored)
+    }
+
+    /// Sessions held now.
+    pub fn len(&self) -> usize {
+        self.map.shards().map(|s| s.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,5 +239,123 @@ mod tests {
         assert!(open(plain, &id, &key).is_err());
         assert_eq!(sealed.len(), plain.len() + OVERHEAD);
         assert!(sealed.starts_with(b"S2"));
+    }
+
+    /// A cache with room to spare: no shard of it fills up in a test.
+    fn cache() -> OpenCache {
+        OpenCache::new(1000).unwrap()
+    }
+
+    fn stored(text: &str) -> StoredSession {
+        StoredSession::decode(Bytes::copy_from_slice(text.as_bytes())).unwrap()
+    }
+
+    /// A session sealed for a new id: (id, key, sealed value).
+    fn sealed_session(plain: &str) -> (SessionId, String, Bytes) {
+        let id = SessionId::generate(32);
+        let key = store_key("session:", &id);
+        let value = seal(plain.as_bytes(), &id, &key);
+        (id, key, value)
+    }
+
+    #[test]
+    fn a_hit_needs_the_same_bytes_and_decrypts_nothing() {
+        let cache = cache();
+        let (id, key, value) = sealed_session(r#"P{"user":"ada"}"#);
+        assert_eq!(
+            cache.open(&value, &id, &key),
+            Ok(stored(r#"P{"user":"ada"}"#))
+        );
+        assert_eq!(cache.len(), 1);
+        // Proof that a hit does no crypto: plant an entry whose stored
+        // form is not what the value opens to; a hit returns it.
+        cache.insert(&key, value.clone(), stored(r#"T{"planted":1}"#));
+        assert_eq!(
+            cache.open(&value, &id, &key),
+            Ok(stored(r#"T{"planted":1}"#))
+        );
+        // Equal bytes in other memory (as from Redis) hit too.
+        let copy = Bytes::copy_from_slice(&value);
+        assert_ne!(copy.as_ptr(), value.as_ptr());
+        assert_eq!(cache.get(&key, &copy), Some(stored(r#"T{"planted":1}"#)));
+        // Another value under the same key (the session was written
+        // elsewhere: same plaintext, fresh nonce) is opened, and replaces
+        // the entry.
+        let rewritten = seal(br#"P{"user":"bob"}"#, &id, &key);
+        assert_eq!(cache.get(&key, &rewritten), None);
+        assert_eq!(
+            cache.open(&rewritten, &id, &key),
+            Ok(stored(r#"P{"user":"bob"}"#))
+        );
+        assert_eq!(cache.get(&key, &value), None, "replaced");
+        assert_eq!(cache.len(), 1);
+        // Nothing cached under another key answers for this one.
+        assert_eq!(
+            cache.get(&store_key("session:", &SessionId::generate(32)), &rewritten),
+            None
+        );
+    }
+
+    #[test]
+    fn a_tampered_value_never_gets_the_cached_plaintext() {
+        let cache = cache();
+        let (id, key, value) = sealed_session(r#"P{"user":"ada"}"#);
+        cache.open(&value, &id, &key).unwrap();
+        for i in [0, 2, 14, value.len() / 2, value.len() - 1] {
+            let mut bad = value.to_vec();
+            bad[i] ^= 0x01;
+            let bad = Bytes::from(bad);
+            assert_eq!(cache.get(&key, &bad), None, "byte {i}");
+            assert!(cache.open(&bad, &id, &key).is_err(), "byte {i}");
+        }
+        // A shorter or longer value with the same start: no hit either.
+        assert!(cache
+            .open(&value.slice(..value.len() - 1), &id, &key)
+            .is_err());
+        let mut longer = value.to_vec();
+        longer.push(0);
+        assert!(cache.open(&Bytes::from(longer), &id, &key).is_err());
+        // What failed was not cached: the original still hits.
+        assert_eq!(cache.len(), 1);
+        assert_eq!(cache.get(&key, &value), Some(stored(r#"P{"user":"ada"}"#)));
+    }
+
+    #[test]
+    fn a_value_moved_from_a_cached_key_does_not_load() {
+        let cache = cache();
+        let (alice_id, alice_key, alice) = sealed_session(r#"P{"user":"alice"}"#);
+        let (mallory_id, mallory_key, mallory) = sealed_session(r#"P{"user":"mallory"}"#);
+        cache.open(&alice, &alice_id, &alice_key).unwrap();
+        cache.open(&mallory, &mallory_id, &mallory_key).unwrap();
+        // Alice's value (cached under her key) under Mallory's key.
+        assert_eq!(cache.get(&mallory_key, &alice), None);
+        assert!(cache.open(&alice, &mallory_id, &mallory_key).is_err());
+        // Both entries still answer only for their own values.
+        assert_eq!(cache.len(), 2);
+        assert_eq!(
+            cache.get(&alice_key, &alice),
+            Some(stored(r#"P{"user":"alice"}"#))
+        );
+        assert_eq!(
+            cache.get(&mallory_key, &mallory),
+            Some(stored(r#"P{"user":"mallory"}"#))
+        );
+    }
+
+    #[test]
+    fn the_cache_is_bounded_and_can_be_off() {
+        assert!(OpenCache::new(0).is_none());
+        let cache = OpenCache::new(3).unwrap();
+        let mut last = None;
+        for i in 0..20 {
+            let (id, key, value) = sealed_session(&format!(r#"P{{"n":{i}}}"#));
+            cache.open(&value, &id, &key).unwrap();
+            assert!(cache.len() <= 3, "{} entries", cache.len());
+            last = Some((key, value));
+        }
+        let (key, value) = last.unwrap();
+        assert_eq!(cache.get(&key, &value), Some(stored(r#"P{"n":19}"#)));
+        cache.remove(&key);
+        assert_eq!(cache.get(&key, &value), None);
     }
 }
