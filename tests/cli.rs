@@ -101,6 +101,9 @@ fn every_config_error_names_its_key() {
         ),
         (base("session: {exclude: [static]}"), "session.exclude[0]"),
         (base("session: {id_bytes: 4}"), "session.id_bytes"),
+        (base("session: {seal_cache: -1}"), "session.seal_cache"),
+        (base("session: {seal_cache: lots}"), "session.seal_cache"),
+        (base("session: {seal_cache: 1000001}"), "session.seal_cache"),
         (
             base("").replace("127.0.0.1:6188", "not-an-address"),
             "listen",

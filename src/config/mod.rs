@@ -105,6 +105,9 @@ pub struct SessionSettings {
     pub exclude: Vec<String>,
     /// Store keys hashed, values encrypted under the session id.
     pub seal: bool,
+    /// `session.seal_cache`: how many opened sealed sessions a gateway
+    /// process keeps (0: none, every sealed read decrypts).
+    pub seal_cache: usize,
 }
 
 #[derive(Clone, Debug)]

@@ -16,7 +16,7 @@ use crate::store::StoreHandle;
 use bytes::Bytes;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use tokio::time::Instant;
 
@@ -155,6 +155,30 @@ pub struct SessionEngine {
     retries: u32,
     /// `session.seal`: hashed keys, values encrypted under the id.
     seal: bool,
+    /// The open cache (`session.seal_cache`): only when sealing, and not
+    /// with `seal_cache: 0`.
+    opened: Option<seal::OpenCache>,
+}
+
+/// The value an update step sealed last, with the stored form inside it.
+/// The step may run more than once (optimistic stores retry) and must stay
+/// pure, so it only notes what it sealed here; the store's answer says
+/// which value it wrote.
+#[derive(Default)]
+struct LastSealed(Mutex<Option<(Bytes, Bytes)>>);
+
+impl LastSealed {
+    fn set(&self, sealed: Bytes, plain: Bytes) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some((sealed, plain));
+    }
+
+    /// The stored form sealed in `written`, if it is the value noted last.
+    fn plain_of(self, written: &[u8]) -> Option<Bytes> {
+        match self.0.into_inner().unwrap_or_else(|p| p.into_inner()) {
+            Some((sealed, plain)) if seal::same_bytes(&sealed, written) => Some(plain),
+            _ => None,
+        }
+    }
 }
 
 impl SessionEngine {
@@ -168,6 +192,11 @@ impl SessionEngine {
             timeout: config.store.timeout,
             retries: config.store.retries,
             seal: config.session.seal,
+            opened: config
+                .session
+                .seal
+                .then(|| seal::OpenCache::new(config.session.seal_cache))
+                .flatten(),
         }
     }
 
@@ -197,10 +226,26 @@ impl SessionEngine {
         sealed: bool,
         value: Bytes,
     ) -> Result<StoredSession, String> {
-        if sealed {
-            StoredSession::decode(Bytes::from(seal::open(&value, id, key)?))
-        } else {
-            StoredSession::decode(value)
+        match (sealed, &self.opened) {
+            (true, Some(cache)) => cache.open(&value, id, key),
+            (true, None) => seal::open_stored(&value, id, key),
+            (false, _) => StoredSession::decode(value),
+        }
+    }
+
+    /// Note in the open cache (if any) that the store now holds `value`
+    /// under `key`, sealed from `stored`.
+    fn remember(&self, key: &str, value: &Bytes, stored: &StoredSession) {
+        if let Some(cache) = &self.opened {
+            cache.insert(key, value.clone(), stored.clone());
+        }
+    }
+
+    /// Drop `key` from the open cache (if any): its session is gone, so
+    /// its plaintext leaves memory now rather than when it ages out.
+    fn forget(&self, key: &str) {
+        if let Some(cache) = &self.opened {
+            cache.remove(key);
         }
     }
 
@@ -362,6 +407,7 @@ impl SessionEngine {
             // Another request moved it first.
             return self.load_form(id, key, self.seal, rq).await;
         }
+        self.remember(key, &value, &stored);
         self.call(
             rq,
             Op::Delete,
@@ -396,6 +442,9 @@ impl SessionEngine {
             })
             .await?;
         let Some(loaded) = loaded else {
+            if sealed {
+                self.forget(key);
+            }
             return Ok(None);
         };
         match self.decode(id, key, sealed, loaded.value) {
@@ -569,28 +618,44 @@ impl SessionEngine {
 
     /// [`Self::apply`] to a stored value of `id` under `key`, as a store's
     /// update step: a value that does not decode (or decrypt) is treated
-    /// as no session.
+    /// as no session. A sealed value the open cache holds is not
+    /// decrypted; a value sealed here is noted in `last`.
     fn apply_stored(
         &self,
         id: &SessionId,
         key: &str,
         current: &[u8],
         d: &Directives,
+        last: &LastSealed,
     ) -> Result<Update, String> {
-        let plain = if self.seal {
-            seal::open(current, id, key).map(std::borrow::Cow::Owned)
+        let record = if self.seal {
+            self.open_current(id, key, current)
+                .and_then(|plain| SessionRecord::from_stored(&plain))
         } else {
-            Ok(std::borrow::Cow::Borrowed(current))
+            SessionRecord::from_stored(current)
         };
-        match plain.and_then(|p| SessionRecord::from_stored(&p)) {
+        match record {
             Ok(record) => Ok(match self.apply(record, d)? {
-                Update::Write(value) => Update::Write(self.encode(id, key, self.seal, value)),
+                Update::Write(plain) if self.seal => {
+                    let sealed = seal::seal(&plain, id, key);
+                    last.set(sealed.clone(), plain);
+                    Update::Write(sealed)
+                }
                 other => other,
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "stored session unreadable during an update; treating it as gone");
                 Ok(Update::Unreadable)
             }
+        }
+    }
+
+    /// The stored form sealed in `current`, the value under `key`: the
+    /// open cache's when it holds exactly this value, else decrypted.
+    fn open_current(&self, id: &SessionId, key: &str, current: &[u8]) -> Result<Bytes, String> {
+        match self.opened.as_ref().and_then(|c| c.get(key, current)) {
+            Some(stored) => Ok(stored.bytes().clone()),
+            None => seal::open(current, id, key).map(Bytes::from),
         }
     }
 
@@ -616,6 +681,11 @@ impl SessionEngine {
                 .await
                 .map_err(|e| self.store_failure(rq, what, e))?;
             if created {
+                if self.opened.is_some() {
+                    if let Ok(stored) = StoredSession::decode(plain.clone()) {
+                        self.remember(&key, value, &stored);
+                    }
+                }
                 return Ok(id);
             }
         }
@@ -627,6 +697,7 @@ impl SessionEngine {
     }
 
     async fn delete(&self, key: &str, rq: &RequestInfo, what: &str) -> Result<(), Failure> {
+        self.forget(key);
         self.call(
             rq,
             Op::Delete,
@@ -720,7 +791,8 @@ impl SessionEngine {
         d: &Directives,
         rq: &RequestInfo,
     ) -> Result<Option<StoredSession>, Failure> {
-        let f = |current: &[u8]| self.apply_stored(id, key, current, d);
+        let last = LastSealed::default();
+        let f = |current: &[u8]| self.apply_stored(id, key, current, d, &last);
         let outcome = self
             .call(rq, Op::Update, true, updated_or_missing, |s| {
                 let f = &f;
@@ -729,15 +801,28 @@ impl SessionEngine {
             .await
             .map_err(|e| self.store_failure(rq, "update", e))?;
         match outcome {
-            UpdateOutcome::Written(value) => self
-                .decode(id, key, self.seal, value)
-                .map(Some)
-                .map_err(|e| self.store_failure(rq, "update", StoreError::backend(e))),
+            UpdateOutcome::Written(value) => {
+                // The stored form sealed in what was written is known: no
+                // decryption (unless the store reports another value).
+                let known = last.plain_of(&value).map(StoredSession::decode);
+                let stored = match known {
+                    Some(Ok(stored)) => {
+                        self.remember(key, &value, &stored);
+                        Ok(stored)
+                    }
+                    _ => self.decode(id, key, self.seal, value),
+                };
+                stored
+                    .map(Some)
+                    .map_err(|e| self.store_failure(rq, "update", StoreError::backend(e)))
+            }
             UpdateOutcome::Deleted => {
+                self.forget(key);
                 metrics::get().session(SessionEvent::Destroyed);
                 Ok(None)
             }
             UpdateOutcome::Missing => {
+                self.forget(key);
                 tracing::info!(
                     request_id = %rq.id,
                     "session vanished during the request; upstream's update dropped"
@@ -859,9 +944,24 @@ store: {type: memory}
 "#;
 
     fn engine() -> SessionEngine {
-        let config = Config::from_yaml(YAML).unwrap();
+        engine_with("")
+    }
+
+    /// [`YAML`] with more `session` keys, e.g. `, seal: true`.
+    fn engine_with(session: &str) -> SessionEngine {
+        let yaml = YAML.replace(
+            "expiry_update_interval: 10}",
+            &format!("expiry_update_interval: 10{session}}}"),
+        );
+        let config = Config::from_yaml(&yaml).unwrap();
         let store = StoreHandle::new(&config.store.backend).unwrap();
         SessionEngine::new(&config, Arc::new(store))
+    }
+
+    /// The cookie value of a `Set-Cookie` the engine made.
+    fn cookie_value(set_cookie: &str) -> String {
+        let pair = set_cookie.split(';').next().unwrap();
+        pair.strip_prefix("session=").unwrap().to_string()
     }
 
     fn rq() -> RequestInfo {
@@ -898,17 +998,8 @@ store: {type: memory}
             .commit(&state, &raw(&[("x-session-patch", r#"{"a":1}"#)]), &rq())
             .await
             .unwrap();
-        let cookie = created.set_cookie.unwrap();
-        let value = cookie
-            .split(';')
-            .next()
-            .unwrap()
-            .strip_prefix("session=")
-            .unwrap();
-        let state = e
-            .load(false, Found::One(value.to_string()), &rq())
-            .await
-            .unwrap();
+        let value = cookie_value(&created.set_cookie.unwrap());
+        let state = e.load(false, Found::One(value), &rq()).await.unwrap();
         assert_eq!(state.header_value().as_deref(), Some(&br#"{"a":1}"#[..]));
     }
 
@@ -953,5 +1044,79 @@ store: {type: memory}
             .await
             .unwrap();
         assert!(r.set_cookie.unwrap().contains("Max-Age=0"));
+    }
+
+    #[test]
+    fn the_open_cache_exists_only_when_sealing_and_not_off() {
+        assert!(engine().opened.is_none());
+        assert!(engine_with(", seal_cache: 5").opened.is_none());
+        assert!(engine_with(", seal: true, seal_cache: 0").opened.is_none());
+        assert!(engine_with(", seal: true").opened.is_some());
+    }
+
+    #[tokio::test]
+    async fn sealed_writes_fill_the_open_cache_reads_use_it_and_deletes_empty_it() {
+        let e = engine_with(", seal: true");
+        let cache = e.opened.as_ref().unwrap();
+        let stored_value = |key: String| {
+            let e = &e;
+            async move {
+                let store = e.store.get().await.unwrap();
+                store.load(&key).await.unwrap().map(|l| l.value)
+            }
+        };
+        let fresh = e.load(false, Found::Absent, &rq()).await.unwrap();
+        let patch = |json: &str| raw(&[("x-session-patch", json)]);
+        let created = e.commit(&fresh, &patch(r#"{"a":1}"#), &rq()).await.unwrap();
+        let cookie = cookie_value(&created.set_cookie.unwrap());
+        let id = e.verifier.verify(&cookie).unwrap();
+        let key = e.key(&id, true);
+        // Created: the value written is cached, opened.
+        let value = stored_value(key.clone()).await.unwrap();
+        let hit = cache.get(&key, &value).expect("the new session is cached");
+        assert_eq!(hit.header(), Bytes::from_static(br#"{"a":1}"#));
+
+        // A read uses the entry, and so does the update step: plant a
+        // stored form the value does not hold; both return it.
+        let planted = StoredSession::decode(Bytes::from_static(br#"P{"planted":true}"#)).unwrap();
+        cache.insert(&key, value, planted);
+        let state = e
+            .load(false, Found::One(cookie.clone()), &rq())
+            .await
+            .unwrap();
+        assert_eq!(
+            state.header_value().unwrap(),
+            Bytes::from_static(br#"{"planted":true}"#)
+        );
+        e.commit(&state, &patch(r#"{"b":2}"#), &rq()).await.unwrap();
+        // The written value is cached with what was sealed into it.
+        let value = stored_value(key.clone()).await.unwrap();
+        let hit = cache.get(&key, &value).expect("the update is cached");
+        assert_eq!(
+            hit.header(),
+            Bytes::from_static(br#"{"b":2,"planted":true}"#)
+        );
+        assert_eq!(seal::open_stored(&value, &id, &key), Ok(hit));
+
+        // Regenerate: the old key is forgotten, the new one cached.
+        let state = e.load(false, Found::One(cookie), &rq()).await.unwrap();
+        let moved = e
+            .commit(&state, &raw(&[("x-session-action", "regenerate")]), &rq())
+            .await
+            .unwrap();
+        assert!(cache.get(&key, &value).is_none(), "old key still cached");
+        assert_eq!(cache.len(), 1);
+        let cookie = cookie_value(&moved.set_cookie.unwrap());
+        let new_key = e.key(&e.verifier.verify(&cookie).unwrap(), true);
+        let value = stored_value(new_key.clone()).await.unwrap();
+        assert!(cache.get(&new_key, &value).is_some());
+
+        // Destroy: gone from the cache.
+        let state = e.load(false, Found::One(cookie), &rq()).await.unwrap();
+        e.commit(&state, &raw(&[("x-session-action", "destroy")]), &rq())
+            .await
+            .unwrap();
+        assert!(cache.is_empty());
+        assert_eq!(stored_value(new_key).await, None);
     }
 }

@@ -142,7 +142,7 @@ struct Opened {
 /// (the memory store and the Redis near cache hand out the `Bytes` they
 /// keep). Not constant-time: the bytes compared are a ciphertext that the
 /// store holds anyway.
-fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn same_bytes(a: &[u8], b: &[u8]) -> bool {
     (a.as_ptr() == b.as_ptr() && a.len() == b.len()) || a == b
 }
 
