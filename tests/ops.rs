@@ -165,6 +165,44 @@ async fn metrics_count_exactly_the_requests_sent() {
     }
 }
 
+/// Sealed reads of a session this gateway wrote come from the open cache
+/// (`session.seal_cache`, on by default): no decryption, counted as hits;
+/// a patch's update step is a hit too. `seal_cache: 0`: no cache at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sealed_reads_are_open_cache_hits() {
+    let up = Upstream::start().await;
+    for (seal_cache, hits) in [("10000", 8.0), ("0", 0.0)] {
+        let (gw, admin) = with_admin(
+            GatewayBuilder::new(up.port, MEMORY)
+                .session("seal", "true")
+                .session("seal_cache", seal_cache),
+        );
+        let b = Browser::new(&gw);
+        let before = scrape(&admin).await;
+        // Created: cached, nothing looked up. Then 5 reads: 5 hits.
+        b.patch("/", json!({"a": 1})).await;
+        for _ in 0..5 {
+            assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));
+        }
+        // A patch: its load and its update step, 2 hits; the value it
+        // wrote was cached, so the read after it is a hit too.
+        b.patch("/", json!({"b": 2})).await;
+        assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1, "b": 2}));
+        let after = scrape(&admin).await;
+        let d = |k: &str| delta(&before, &after, k);
+        assert_eq!(
+            d("session_gateway_seal_cache_hits_total{}"),
+            hits,
+            "seal_cache {seal_cache}"
+        );
+        assert_eq!(
+            d("session_gateway_seal_cache_misses_total{}"),
+            0.0,
+            "seal_cache {seal_cache}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_errors_are_counted() {
     let (gw, admin) = with_admin(GatewayBuilder::new(common::free_port(), MEMORY));

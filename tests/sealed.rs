@@ -1,9 +1,11 @@
 //! Sealed sessions (`session.seal: true`) against a real Redis, whose
 //! contents a test can read like an attacker with a dump would: no key
 //! holds an issued id, no value holds the app's data; ciphertexts moved to
-//! another key or tampered with give a fresh session; switching `seal` on
-//! or off moves each session to the new form on its first request. (The
-//! whole protocol suite also runs sealed for every store: `sealed_suite!`.)
+//! another key or tampered with give a fresh session, also when the
+//! gateway holds the session opened in its open cache (`session.seal_cache`),
+//! and a change through another gateway is read; switching `seal` on or off
+//! moves each session to the new form on its first request. (The whole
+//! protocol suite also runs sealed for every store: `sealed_suite!`.)
 #![cfg(feature = "redis")]
 
 mod common;
@@ -184,4 +186,122 @@ async fn switching_seal_on_and_off_moves_sessions_on_first_use() {
         get(&server, &format!("session:{id}")).unwrap(),
         br#"P{"n":1,"user":"ada"}"#
     );
+}
+
+/// The session id a cookie value names.
+fn id_in(cookie: &str) -> SessionId {
+    let verifier = CookieVerifier::new(&[KEY_A.as_bytes().to_vec()], 32);
+    verifier.verify(cookie).expect("the cookie verifies")
+}
+
+/// A sealed gateway on `server`; `seal_cache: None` keeps the default.
+fn sealed_gateway(
+    up: &Upstream,
+    server: &RedisServer,
+    seal_cache: Option<&str>,
+) -> common::gateway::Gateway {
+    let mut b = GatewayBuilder::new(up.port, &store_yaml(server)).session("seal", "true");
+    if let Some(n) = seal_cache {
+        b = b.session("seal_cache", n);
+    }
+    b.start()
+}
+
+/// The open cache (`session.seal_cache`, on by default) answers a read only
+/// while Redis holds exactly the value it opened: a session read (so
+/// cached), then tampered with, is no session; a value sealed anew for it
+/// is read; the original, restored, reads again. The same without the
+/// cache.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cached_session_tampered_with_gives_a_fresh_session() {
+    let server = RedisServer::start();
+    let up = Upstream::start().await;
+    for seal_cache in [None, Some("0")] {
+        let gw = sealed_gateway(&up, &server, seal_cache);
+        let alice = Browser::new(&gw);
+        alice.patch("/", json!({"user": "alice"})).await;
+        assert_eq!(
+            alice.get("/", &[]).await.session(),
+            json!({"user": "alice"})
+        );
+        let cookie = alice.cookie().unwrap();
+        let key = sealed_key(&cookie);
+        let value = get(&server, &key).unwrap();
+        for at in [0, 2, 10, value.len() / 2, value.len() - 1] {
+            let mut bad = value.clone();
+            bad[at] ^= 0x01;
+            set(&server, &key, &bad);
+            let r = alice.get("/", &[]).await;
+            assert_eq!(r.status, 200, "{seal_cache:?}: byte {at}");
+            assert_eq!(r.session(), json!({}), "{seal_cache:?}: byte {at}");
+        }
+        // A valid value written by someone else (another gateway) is what
+        // the next read gets, not the plaintext cached for the old one.
+        let id = id_in(&cookie);
+        set(&server, &key, &seal::seal(br#"P{"user":"eve"}"#, &id, &key));
+        assert_eq!(alice.get("/", &[]).await.session(), json!({"user": "eve"}));
+        set(&server, &key, &value);
+        assert_eq!(
+            alice.get("/", &[]).await.session(),
+            json!({"user": "alice"}),
+            "{seal_cache:?}"
+        );
+    }
+}
+
+/// Alice's ciphertext copied over Bob's key after both sessions were read
+/// (both cached): Bob gets a fresh session, never Alice's data, and
+/// Alice's own session is untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ciphertext_moved_between_cached_sessions_does_not_load() {
+    let server = RedisServer::start();
+    let up = Upstream::start().await;
+    let gw = sealed_gateway(&up, &server, None);
+    let alice = Browser::new(&gw);
+    alice.patch("/", json!({"user": "alice"})).await;
+    let bob = Browser::new(&gw);
+    bob.patch("/", json!({"user": "bob"})).await;
+    assert_eq!(
+        alice.get("/", &[]).await.session(),
+        json!({"user": "alice"})
+    );
+    assert_eq!(bob.get("/", &[]).await.session(), json!({"user": "bob"}));
+
+    let alice_key = sealed_key(&alice.cookie().unwrap());
+    let bob_key = sealed_key(&bob.cookie().unwrap());
+    let alice_value = get(&server, &alice_key).unwrap();
+    let bob_value = get(&server, &bob_key).unwrap();
+    set(&server, &bob_key, &alice_value);
+    let r = bob.get("/", &[]).await;
+    assert_eq!(r.status, 200);
+    assert_eq!(r.session(), json!({}));
+    assert_eq!(
+        alice.get("/", &[]).await.session(),
+        json!({"user": "alice"})
+    );
+    set(&server, &bob_key, &bob_value);
+    assert_eq!(bob.get("/", &[]).await.session(), json!({"user": "bob"}));
+}
+
+/// Two sealed gateways on one Redis: a change made through one is what
+/// the other reads next, although it had the session cached.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_through_another_gateway_is_read_despite_the_cache() {
+    let server = RedisServer::start();
+    let up = Upstream::start().await;
+    let a = sealed_gateway(&up, &server, None);
+    let b = sealed_gateway(&up, &server, None);
+    let browser = Browser::new(&a);
+    browser.patch("/", json!({"n": 1})).await;
+    assert_eq!(browser.get("/", &[]).await.session(), json!({"n": 1}));
+    let cookie = format!("session={}", browser.cookie().unwrap());
+    for n in 2..5 {
+        let patch = format!(r#"{{"n":{n}}}"#);
+        let r = get_with_cookie(&b, "/", &cookie, &[("x-reply-x-session-patch", &patch)]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(browser.get("/", &[]).await.session(), json!({ "n": n }));
+    }
+    // Destroyed through b: gone on a too.
+    get_with_cookie(&b, "/", &cookie, &[("x-reply-x-session-action", "destroy")]).await;
+    assert_eq!(browser.get("/", &[]).await.session(), json!({}));
 }
