@@ -191,13 +191,24 @@ fn read_path(c: &mut Criterion) {
 }
 
 /// What `session.seal: true` adds to a read: the hashed store key and
-/// opening the sealed value (HKDF + AES-256-GCM).
+/// opening the sealed value (HKDF + AES-256-GCM), and what it adds with
+/// the open cache (`session.seal_cache`): the store key, a lookup and a
+/// comparison of the value with the cached one (`cached`: the same memory,
+/// as the memory store and the Redis near cache hand out; `cached_copy`:
+/// equal bytes elsewhere, as a Redis reply), or on a miss the opening plus
+/// an insert (`miss`, which removes the entry first). `key`: the store
+/// key alone, which every sealed request computes.
 fn sealed(c: &mut Criterion) {
+    use bytes::Bytes;
     use session_gateway::session::seal;
     let mut g = c.benchmark_group("sealed");
     let id = SessionId::generate(32);
+    let cache = seal::OpenCache::new(10_000).expect("on");
+    g.bench_function("key", |b| {
+        b.iter(|| seal::store_key("session:", black_box(&id)))
+    });
     for size in SIZES {
-        let plain = vec![b'x'; size];
+        let plain = record_of(size).encode();
         let key = seal::store_key("session:", &id);
         let value = seal::seal(&plain, &id, &key);
         g.throughput(Throughput::Bytes(size as u64));
@@ -205,6 +216,24 @@ fn sealed(c: &mut Criterion) {
             b.iter(|| {
                 let key = seal::store_key("session:", black_box(&id));
                 seal::open(black_box(v), &id, &key).unwrap()
+            })
+        });
+        let open_cached = |v: &Bytes| {
+            let key = seal::store_key("session:", black_box(&id));
+            cache.open(black_box(v), &id, &key).unwrap()
+        };
+        cache.open(&value, &id, &key).unwrap();
+        g.bench_with_input(BenchmarkId::new("key+cached", size), &value, |b, v| {
+            b.iter(|| open_cached(v))
+        });
+        let copy = Bytes::copy_from_slice(&value);
+        g.bench_with_input(BenchmarkId::new("key+cached_copy", size), &copy, |b, v| {
+            b.iter(|| open_cached(v))
+        });
+        g.bench_with_input(BenchmarkId::new("key+miss", size), &value, |b, v| {
+            b.iter(|| {
+                cache.remove(&key);
+                open_cached(v)
             })
         });
     }
