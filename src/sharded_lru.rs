@@ -43,13 +43,6 @@ impl<V> ShardedLru<V> {
     pub fn shards(&self) -> impl Iterator<Item = MutexGuard<'_, LruCache<String, V>>> {
         self.shards.iter().map(lock)
     }
-
-    /// Forget every entry.
-    pub fn clear(&self) {
-        for mut shard in self.shards() {
-            shard.clear();
-        }
-    }
 }
 
 // A panic while holding a shard cannot leave a half-made entry (every
@@ -84,7 +77,5 @@ mod tests {
         let n = entries(&m);
         assert!((900..=1000).contains(&n), "{n}");
         assert!(m.shard("k4999").contains("k4999"));
-        m.clear();
-        assert_eq!(entries(&m), 0);
     }
 }

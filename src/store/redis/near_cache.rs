@@ -183,7 +183,9 @@ impl NearCache {
     }
 
     fn clear(&self) {
-        self.map.clear();
+        for mut shard in self.map.shards() {
+            shard.clear();
+        }
     }
 
     /// [`Self::clear`], counted: the cache lost what it held.
