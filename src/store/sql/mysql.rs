@@ -201,14 +201,9 @@ impl MySqlStore {
         .map(drop)
     }
 
-    async fn try_update(&self, key: &str, ttl: Duration, f: &UpdateFn<'_>) -> Attempt {
-        let mut conn = self.pool.acquire().await?;
-        let result = self.update_on(&mut conn, key, ttl, f).await;
-        conn.done(result)
-    }
-
-    /// One update attempt on `conn`, in a transaction.
-    async fn update_on(
+    /// One update attempt on `conn`, in a transaction (run through
+    /// `pooled!`, which gives the connection back or closes it).
+    async fn try_update(
         &self,
         conn: &mut MySqlConnection,
         key: &str,
@@ -292,7 +287,7 @@ impl SessionStore for MySqlStore {
     ) -> Result<UpdateOutcome, StoreError> {
         let mut attempt = 0;
         loop {
-            match self.try_update(key, ttl, f).await {
+            match pooled!(self.pool, |c| self.try_update(c, key, ttl, f)) {
                 Ok(Ok(outcome)) => return Ok(outcome),
                 Ok(Err(msg)) => return Err(StoreError::Rejected(msg)),
                 Err(e) if conflict(&e) && attempt < CONFLICT_RETRIES => {

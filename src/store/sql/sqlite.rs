@@ -176,14 +176,9 @@ impl SqliteStore {
         .map(drop)
     }
 
-    async fn try_update(&self, key: &str, ttl: Duration, f: &UpdateFn<'_>) -> Attempt {
-        let mut conn = self.pool.acquire().await?;
-        let result = self.update_on(&mut conn, key, ttl, f).await;
-        conn.done(result)
-    }
-
-    /// One update attempt on `conn`, in a transaction.
-    async fn update_on(
+    /// One update attempt on `conn`, in a transaction (run through
+    /// `pooled!`, which gives the connection back or closes it).
+    async fn try_update(
         &self,
         conn: &mut SqliteConnection,
         key: &str,
@@ -261,7 +256,7 @@ impl SessionStore for SqliteStore {
         // BEGIN IMMEDIATE plus the mutex leave no conflict to retry: a
         // writer in another process is waited for (busy timeout) up front.
         let _write = self.write.lock().await;
-        match self.try_update(key, ttl, f).await {
+        match pooled!(self.pool, |c| self.try_update(c, key, ttl, f)) {
             Ok(Ok(outcome)) => Ok(outcome),
             Ok(Err(msg)) => Err(StoreError::Rejected(msg)),
             Err(e) => Err(err(e)),
