@@ -193,6 +193,12 @@ async fn with_memory_check(gw: &Gateway, mut fault: impl FnMut()) -> Arc<Tally> 
     tally
 }
 
+/// One fault test at a time: each runs 64 clients, a gateway and its own
+/// servers, and asserts recovery within a second; two at once on a
+/// 2-CPU machine starve each other (CI saw a recovery take 1.3 s while
+/// the cluster test ran beside the freeze test).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn gateway(up: &Upstream, store_yaml: &str) -> Gateway {
     GatewayBuilder::new(up.port, store_yaml)
         .section("server", "threads", "2")
@@ -203,6 +209,7 @@ fn gateway(up: &Upstream, store_yaml: &str) -> Gateway {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_stopped_and_restarted_under_load() {
+    let _serial = SERIAL.lock().await;
     let mut redis = RedisServer::start_with(&PERSISTENT);
     let up = Upstream::start().await;
     let gw = gateway(
@@ -223,6 +230,7 @@ async fn redis_stopped_and_restarted_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_frozen_longer_than_the_timeout_under_load() {
+    let _serial = SERIAL.lock().await;
     let redis = RedisServer::start_with(&PERSISTENT);
     let up = Upstream::start().await;
     let gw = gateway(
@@ -243,6 +251,7 @@ async fn redis_frozen_longer_than_the_timeout_under_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_cluster_primary_killed_under_load() {
+    let _serial = SERIAL.lock().await;
     let mut cluster = RedisCluster::start_with(&PERSISTENT);
     let up = Upstream::start().await;
     let gw = gateway(
