@@ -432,6 +432,87 @@ async fn update_applies_again_when_another_writer_got_in_between() {
     );
 }
 
+/// The calls of each command Redis ran since the last `CONFIG RESETSTAT`,
+/// e.g. `[("evalsha", 2)]`, sorted by name.
+fn commands_since_reset(s: &Setup) -> Vec<(String, u64)> {
+    let stats: String = query(s, &["INFO", "commandstats"]);
+    let mut calls: Vec<(String, u64)> = stats
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(":calls=")?;
+            Some((name.to_string(), rest.split(',').next()?.parse().ok()?))
+        })
+        .filter(|(name, _)| name != "info" && name != "config|resetstat")
+        .collect();
+    calls.sort();
+    calls
+}
+
+/// A patch of a loaded session is one compare-and-set against the value
+/// the request loaded: two round trips per request (the load script and
+/// the compare-and-set script), no GET in between. (Redis counts the
+/// commands the scripts run too: the load script's GET and PTTL, the
+/// compare-and-set's GET and SET; a separate read would add a third GET.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patch_costs_one_round_trip_after_the_load() {
+    let s = setup(fixture().await, |b| b).await;
+    let b = Browser::new(&s.gw);
+    b.patch("/", json!({"n": 1})).await;
+    // Once more, so both scripts are cached (no NOSCRIPT + EVAL below).
+    b.patch("/", json!({"n": 1})).await;
+    let () = query(&s, &["CONFIG", "RESETSTAT"]);
+    b.patch("/", json!({"m": 2})).await;
+    let calls = |list: &[(&str, u64)]| -> Vec<(String, u64)> {
+        list.iter().map(|(n, c)| (n.to_string(), *c)).collect()
+    };
+    assert_eq!(
+        commands_since_reset(&s),
+        calls(&[("evalsha", 2), ("get", 2), ("pttl", 1), ("set", 1)])
+    );
+    let raw: Vec<u8> = query(&s, &["GET", &key_of(&b)]);
+    assert_eq!(raw, b"P{\"m\":2,\"n\":1}");
+}
+
+/// `update_seen` with the value the store holds writes without reading;
+/// with a value another writer replaced since, it reads and applies the
+/// update to the current value (the other write is kept); with the key
+/// gone, nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn update_seen_writes_against_the_seen_value_only_while_it_is_current() {
+    let server = RedisServer::start();
+    let store = connect_store(&server).await;
+    let ttl = Duration::from_secs(600);
+    let mine = |current: &[u8]| {
+        let mut r = SessionRecord::from_stored(current).unwrap();
+        r.data.insert("mine".into(), json!(true));
+        Ok(Update::Write(r.encode()))
+    };
+    let seen = record(json!({"a": 1})).encode();
+    assert!(store.create("k", &seen, ttl).await.unwrap());
+    let out = store.update_seen("k", ttl, &seen, &mine).await.unwrap();
+    assert_eq!(
+        out,
+        UpdateOutcome::Written(record(json!({"a": 1, "mine": true})).encode())
+    );
+
+    let theirs = record(json!({"theirs": true})).encode();
+    let mut other = server.client();
+    let () = redis::cmd("SET")
+        .arg("k")
+        .arg(&theirs[..])
+        .query(&mut other)
+        .unwrap();
+    let out = store.update_seen("k", ttl, &seen, &mine).await.unwrap();
+    let expected = record(json!({"theirs": true, "mine": true})).encode();
+    assert_eq!(out, UpdateOutcome::Written(expected.clone()));
+    assert_eq!(store.load("k").await.unwrap().unwrap().value, expected);
+
+    let () = redis::cmd("DEL").arg("k").query(&mut other).unwrap();
+    let out = store.update_seen("k", ttl, &expected, &mine).await.unwrap();
+    assert_eq!(out, UpdateOutcome::Missing);
+    assert_eq!(store.load("k").await.unwrap(), None, "a gone key revived");
+}
+
 /// 50 concurrent read-modify-writes of one session from five stores (five
 /// gateways): the local lock does not help across processes, the
 /// compare-and-set must.

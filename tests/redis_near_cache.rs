@@ -13,6 +13,7 @@
 
 mod common;
 
+use common::contract::load_until_cached;
 use common::gateway::{run_cli, Gateway, GatewayBuilder, KEY_A};
 use common::protocol::{get_with_cookie, Browser};
 use common::redis_server::{make_certs, RedisServer};
@@ -275,7 +276,7 @@ async fn killed_tracking_connection_never_serves_a_stale_entry() {
     let () = redis(&p.server, &["SET", &key, r#"P{"v":3}"#, "KEEPTTL"]);
     until_seen(&p.b, &cookie, &json!({"v": 3}), Instant::now()).await;
     assert!(
-        p.b.log().contains("invalidation tracking lost"),
+        p.b.log().contains("change notifications lost"),
         "{}",
         p.b.log()
     );
@@ -326,19 +327,6 @@ fn record(v: Value) -> bytes::Bytes {
         data,
     }
     .encode()
-}
-
-/// Load `key` through `store` until the near cache answers.
-async fn load_until_cached(store: &Arc<dyn SessionStore>, key: &str) {
-    for _ in 0..200 {
-        let before = store.near_cache_stats().unwrap().hits;
-        store.load(key).await.unwrap().unwrap();
-        if store.near_cache_stats().unwrap().hits > before {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    panic!("{key} never came from the near cache");
 }
 
 /// The invalidation bound at the store level, without HTTP: store A

@@ -416,6 +416,7 @@ pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
         ("redis-near", "read", 0.90),
         ("redis", "read", 0.80),
         ("postgres", "read", 0.60),
+        ("postgres-near", "read", 0.60),
         ("memory", "write", 0.85),
         ("redis", "write", 0.80),
     ];

@@ -15,7 +15,7 @@ use std::path::Path;
 
 /// Every store, in run order: a variant right after what it is compared
 /// with, so both see the same background load.
-pub const ALL: [&str; 14] = [
+pub const ALL: [&str; 15] = [
     "baseline",
     "baseline-quiet",
     "memory",
@@ -27,6 +27,7 @@ pub const ALL: [&str; 14] = [
     "memcached",
     "sqlite",
     "postgres",
+    "postgres-near",
     "mysql",
     "mongodb",
     "dynamodb",
@@ -59,7 +60,10 @@ pub struct StoreEnv {
 /// Does `name` run only the `read` scenario? The variants do: their
 /// targets are about reads.
 pub fn read_only(name: &str) -> bool {
-    matches!(name, "baseline-quiet" | "memory-sealed" | "redis-sealed")
+    matches!(
+        name,
+        "baseline-quiet" | "memory-sealed" | "redis-sealed" | "postgres-near"
+    )
 }
 
 /// Set up `name` under `dir`. `run_id` makes table names unique.
@@ -88,10 +92,10 @@ fn prepare_kind(kind: &str, name: &str, dir: &Path, run_id: &str) -> Result<Stor
         sql_table: None,
         server: None,
     };
-    let sql = |url: &str| {
-        let table = format!("sgw_bench_{run_id}");
+    let sql = |url: &str, extra: &str| {
+        let table = format!("sgw_bench_{run_id}_{}", name.replace('-', "_"));
         let mut e = env(format!(
-            "{{type: sql, url: \"{url}\", table: {table}, create_table: true}}"
+            "{{type: sql, url: \"{url}\", table: {table}, create_table: true{extra}}}"
         ));
         e.sql_table = Some((url.to_string(), table));
         e
@@ -146,7 +150,7 @@ fn prepare_kind(kind: &str, name: &str, dir: &Path, run_id: &str) -> Result<Stor
             // An existing (empty) file is a valid database for any URL form.
             let file = dir.join("sessions.db");
             std::fs::write(&file, b"").map_err(|e| e.to_string())?;
-            let mut e = sql(&format!("sqlite://{}", file.display()));
+            let mut e = sql(&format!("sqlite://{}", file.display()), "");
             e.sql_table = None; // the file goes with the temp dir
             Ok(e)
         }
@@ -162,8 +166,10 @@ fn prepare_kind(kind: &str, name: &str, dir: &Path, run_id: &str) -> Result<Stor
             e.server = Some(server);
             Ok(e)
         }
-        "postgres" => Ok(sql(POSTGRES_URL)),
-        "mysql" => Ok(sql(MYSQL_URL)),
+        "postgres" => Ok(sql(POSTGRES_URL, "")),
+        // The same with the near cache on (a trigger + LISTEN/NOTIFY).
+        "postgres-near" => Ok(sql(POSTGRES_URL, ", near_cache: {enabled: true}")),
+        "mysql" => Ok(sql(MYSQL_URL, "")),
         other => Err(format!(
             "unknown store `{other}` (known: {})",
             ALL.join(", ")
@@ -181,6 +187,9 @@ pub async fn drop_table(url: &str, table: &str) {
             if url.starts_with("postgres") {
                 let mut c = sqlx::PgConnection::connect(url).await?;
                 sqlx::query(&sql).execute(&mut c).await?;
+                // The near cache's trigger function outlives the table.
+                let function = format!("DROP FUNCTION IF EXISTS \"{table}_sgw_notify\"()");
+                sqlx::query(&function).execute(&mut c).await?;
             } else if url.starts_with("mysql") {
                 let mut c = sqlx::MySqlConnection::connect(url).await?;
                 sqlx::query(&sql).execute(&mut c).await?;

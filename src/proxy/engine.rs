@@ -58,6 +58,9 @@ pub enum SessionState {
         /// Its store key (sealed or plain form).
         key: String,
         stored: StoredSession,
+        /// The value as the store held it (sealed, or a legacy form):
+        /// what an update compares against (`update_seen`).
+        seen: Bytes,
         expires_at: SystemTime,
         /// The presented cookie value when it is signed with the current
         /// key: exactly what signing the id again would give, so a
@@ -101,12 +104,20 @@ impl SessionState {
     }
 }
 
+/// A live session as [`SessionEngine::find`] loaded it.
+struct LoadedSession {
+    stored: StoredSession,
+    seen: Bytes,
+    expires_at: SystemTime,
+}
+
 /// The loaded session a response is committed for.
 #[derive(Clone, Copy)]
 struct Current<'a> {
     id: &'a SessionId,
     key: &'a str,
     stored: &'a StoredSession,
+    seen: &'a Bytes,
     expires_at: SystemTime,
     /// See `SessionState::Existing::signed`.
     signed: Option<&'a str>,
@@ -339,7 +350,11 @@ impl SessionEngine {
         };
         let key = self.key(&id, self.seal);
         match self.find(&id, &key, rq).await {
-            Ok(Some((stored, expires_at))) => {
+            Ok(Some(LoadedSession {
+                stored,
+                seen,
+                expires_at,
+            })) => {
                 let too_large = stored.header_len() > self.session.max_bytes;
                 if too_large {
                     tracing::warn!(
@@ -353,6 +368,7 @@ impl SessionEngine {
                     id,
                     key,
                     stored,
+                    seen,
                     expires_at,
                     signed,
                     too_large,
@@ -388,12 +404,14 @@ impl SessionEngine {
         id: &SessionId,
         key: &str,
         rq: &RequestInfo,
-    ) -> Result<Option<(StoredSession, SystemTime)>, StoreError> {
+    ) -> Result<Option<LoadedSession>, StoreError> {
         if let Some(found) = self.load_form(id, key, self.seal, rq).await? {
             return Ok(Some(found));
         }
         let old_key = self.key(id, !self.seal);
-        let Some((stored, _)) = self.load_form(id, &old_key, !self.seal, rq).await? else {
+        let Some(LoadedSession { stored, .. }) =
+            self.load_form(id, &old_key, !self.seal, rq).await?
+        else {
             return Ok(None);
         };
         let value = self.encode(id, key, self.seal, stored.bytes().clone());
@@ -424,7 +442,11 @@ impl SessionEngine {
             "session moved to the {} form (session.seal changed)",
             if self.seal { "sealed" } else { "plain" }
         );
-        Ok(Some((stored, SystemTime::now() + self.session.lifetime)))
+        Ok(Some(LoadedSession {
+            stored,
+            seen: value,
+            expires_at: SystemTime::now() + self.session.lifetime,
+        }))
     }
 
     /// Load and decode one form; unreadable data counts as missing (logged):
@@ -435,7 +457,7 @@ impl SessionEngine {
         key: &str,
         sealed: bool,
         rq: &RequestInfo,
-    ) -> Result<Option<(StoredSession, SystemTime)>, StoreError> {
+    ) -> Result<Option<LoadedSession>, StoreError> {
         let loaded = self
             .call(rq, Op::Load, true, found_or_missing, |s| async move {
                 s.load(key).await
@@ -447,8 +469,12 @@ impl SessionEngine {
             }
             return Ok(None);
         };
-        match self.decode(id, key, sealed, loaded.value) {
-            Ok(stored) => Ok(Some((stored, loaded.expires_at))),
+        match self.decode(id, key, sealed, loaded.value.clone()) {
+            Ok(stored) => Ok(Some(LoadedSession {
+                stored,
+                seen: loaded.value,
+                expires_at: loaded.expires_at,
+            })),
             Err(e) => {
                 tracing::warn!(request_id = %rq.id, error = %e, "ignoring an unreadable stored session");
                 Ok(None)
@@ -573,6 +599,7 @@ impl SessionEngine {
                 id,
                 key,
                 stored,
+                seen,
                 expires_at,
                 signed,
                 ..
@@ -581,6 +608,7 @@ impl SessionEngine {
                     id,
                     key,
                     stored,
+                    seen,
                     expires_at: *expires_at,
                     signed: signed.as_deref(),
                 };
@@ -754,7 +782,7 @@ impl SessionEngine {
             return Ok(self.gone());
         }
         let written = if d.modifies_record() {
-            match self.update(id, key, d, rq).await? {
+            match self.update(id, key, loaded.seen, d, rq).await? {
                 Some(written) => Some(written),
                 None => return Ok(self.gone()),
             }
@@ -784,10 +812,13 @@ impl SessionEngine {
     /// was emptied (deleted), or destroyed or expired while this request
     /// ran, in which case the write is dropped, never reviving the id
     /// (logout wins).
+    /// `seen` is the value this request loaded: a store that can write
+    /// against it skips reading it again.
     async fn update(
         &self,
         id: &SessionId,
         key: &str,
+        seen: &Bytes,
         d: &Directives,
         rq: &RequestInfo,
     ) -> Result<Option<StoredSession>, Failure> {
@@ -796,7 +827,7 @@ impl SessionEngine {
         let outcome = self
             .call(rq, Op::Update, true, updated_or_missing, |s| {
                 let f = &f;
-                async move { s.update(key, self.session.lifetime, f).await }
+                async move { s.update_seen(key, self.session.lifetime, seen, f).await }
             })
             .await
             .map_err(|e| self.store_failure(rq, "update", e))?;

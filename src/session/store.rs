@@ -144,6 +144,24 @@ pub trait SessionStore: Send + Sync + 'static {
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError>;
 
+    /// [`Self::update`] when the caller has seen the entry's value
+    /// (`seen`: the bytes `load` returned earlier in this request). A
+    /// backend whose conditional write compares the value itself may try
+    /// that write against `seen` first and read only if it lost, which
+    /// saves the read in the common case where nothing changed in
+    /// between; the result is the same as [`Self::update`]'s either way.
+    /// The default ignores `seen`.
+    async fn update_seen(
+        &self,
+        key: &str,
+        ttl: Duration,
+        seen: &Bytes,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let _ = seen;
+        self.update(key, ttl, f).await
+    }
+
     /// Remove the entry; removing a missing entry is not an error.
     async fn delete(&self, key: &str) -> Result<(), StoreError>;
 

@@ -48,6 +48,14 @@ pub trait CasOps: Send + Sync {
     /// Delete the value only if it is still at `version`. `false`: it
     /// changed or vanished.
     async fn delete_if(&self, key: &str, version: &Self::Version) -> Result<bool, StoreError>;
+
+    /// The version of a value seen earlier, when a value is its own
+    /// version (the conditional write compares bytes); `None` (the
+    /// default) when the version is kept beside the value and must be read.
+    fn version_of(&self, value: &Bytes) -> Option<Self::Version> {
+        let _ = value;
+        None
+    }
 }
 
 /// The update loop and its local queue; one per store instance.
@@ -75,10 +83,37 @@ impl Cas {
         ttl: Duration,
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
+        self.update_seen(ops, key, ttl, None, f).await
+    }
+
+    /// [`crate::session::SessionStore::update_seen`] for an optimistic
+    /// backend: when the backend can tell the version of `seen`, the first
+    /// round writes against it without reading; losing that round (the
+    /// value changed since it was seen, or is gone) costs one round trip
+    /// and continues as [`Self::update`] does, straight to a fresh read.
+    pub async fn update_seen<O: CasOps + ?Sized>(
+        &self,
+        ops: &O,
+        key: &str,
+        ttl: Duration,
+        seen: Option<&Bytes>,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
         let stripe = (self.hasher.hash_one(key) % STRIPES as u64) as usize;
         // Held across read, `f` and write; dropped with the future if the
         // engine's timeout cancels the update.
         let _local = self.stripes[stripe].lock().await;
+        if let Some((seen, version)) = seen.and_then(|v| Some((v, ops.version_of(v)?))) {
+            // Only a write or delete is tried on the seen value: its
+            // conditional step proves the value is still current. Any
+            // other decision (missing, refused) might differ on the value
+            // the store holds now, so it is made on a fresh read below.
+            if let Ok(step @ (Step::Write(_) | Step::Delete)) = decide(Some(seen), f) {
+                if let Some(done) = Self::carry_out(ops, key, ttl, step, &version).await? {
+                    return Ok(done);
+                }
+            }
+        }
         for attempt in 0..MAX_ATTEMPTS {
             if attempt > 0 {
                 self.back_off(attempt).await;
@@ -86,24 +121,38 @@ impl Cas {
             let Some((current, version)) = ops.read(key).await? else {
                 return Ok(UpdateOutcome::Missing);
             };
-            match decide(Some(&current), f)? {
-                Step::Missing => return Ok(UpdateOutcome::Missing),
-                Step::Write(value) => {
-                    if ops.write_if(key, &version, &value, ttl).await? {
-                        return Ok(UpdateOutcome::Written(value));
-                    }
-                }
-                Step::Delete => {
-                    if ops.delete_if(key, &version).await? {
-                        return Ok(UpdateOutcome::Deleted);
-                    }
-                }
+            let step = decide(Some(&current), f)?;
+            if let Some(done) = Self::carry_out(ops, key, ttl, step, &version).await? {
+                return Ok(done);
             }
             // Someone else wrote (or deleted) in between: read again.
         }
         Err(StoreError::Unavailable(format!(
             "session {key} changed under {MAX_ATTEMPTS} consecutive update attempts"
         )))
+    }
+
+    /// Carry out an update function's decision for the value at
+    /// `version`: `None` if the conditional write (or delete) lost to
+    /// another writer.
+    async fn carry_out<O: CasOps + ?Sized>(
+        ops: &O,
+        key: &str,
+        ttl: Duration,
+        step: Step,
+        version: &O::Version,
+    ) -> Result<Option<UpdateOutcome>, StoreError> {
+        Ok(match step {
+            Step::Missing => Some(UpdateOutcome::Missing),
+            Step::Write(value) => ops
+                .write_if(key, version, &value, ttl)
+                .await?
+                .then_some(UpdateOutcome::Written(value)),
+            Step::Delete => ops
+                .delete_if(key, version)
+                .await?
+                .then_some(UpdateOutcome::Deleted),
+        })
     }
 
     /// A short random pause between rounds, growing with the number of
@@ -173,6 +222,137 @@ mod tests {
             }
             Ok(false)
         }
+    }
+
+    /// A map whose values are their own versions (as in Redis), counting
+    /// the reads the update loop makes.
+    #[derive(Default)]
+    struct ByValue {
+        map: Mutex<HashMap<String, Bytes>>,
+        reads: Mutex<u32>,
+    }
+
+    #[async_trait]
+    impl CasOps for ByValue {
+        type Version = Bytes;
+        async fn read(&self, key: &str) -> Result<Option<(Bytes, Bytes)>, StoreError> {
+            *self.reads.lock().unwrap() += 1;
+            Ok(self
+                .map
+                .lock()
+                .unwrap()
+                .get(key)
+                .map(|v| (v.clone(), v.clone())))
+        }
+        async fn write_if(
+            &self,
+            key: &str,
+            version: &Bytes,
+            value: &Bytes,
+            _ttl: Duration,
+        ) -> Result<bool, StoreError> {
+            let mut map = self.map.lock().unwrap();
+            match map.get_mut(key) {
+                Some(v) if v == version => {
+                    *v = value.clone();
+                    Ok(true)
+                }
+                _ => Ok(false),
+            }
+        }
+        async fn delete_if(&self, key: &str, version: &Bytes) -> Result<bool, StoreError> {
+            let mut map = self.map.lock().unwrap();
+            if map.get(key) == Some(version) {
+                map.remove(key);
+                return Ok(true);
+            }
+            Ok(false)
+        }
+        fn version_of(&self, value: &Bytes) -> Option<Bytes> {
+            Some(value.clone())
+        }
+    }
+
+    impl ByValue {
+        fn with(key: &str, value: &'static [u8]) -> Self {
+            let ops = ByValue::default();
+            ops.map
+                .lock()
+                .unwrap()
+                .insert(key.into(), Bytes::from_static(value));
+            ops
+        }
+        fn reads(&self) -> u32 {
+            *self.reads.lock().unwrap()
+        }
+        fn get(&self, key: &str) -> Option<Bytes> {
+            self.map.lock().unwrap().get(key).cloned()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_seen_value_still_current_is_written_without_a_read() {
+        let ttl = Duration::from_secs(1);
+        let (cas, seen) = (Cas::default(), Bytes::from_static(b"a"));
+        let ops = ByValue::with("k", b"a");
+        let out = cas.update_seen(&ops, "k", ttl, Some(&seen), &append_x);
+        assert_eq!(out.await.unwrap(), UpdateOutcome::Written("ax".into()));
+        assert_eq!((ops.reads(), ops.get("k")), (0, Some("ax".into())));
+
+        let delete = |_: &[u8]| Ok(Update::Delete);
+        let seen = Bytes::from_static(b"ax");
+        let out = cas.update_seen(&ops, "k", ttl, Some(&seen), &delete);
+        assert_eq!(out.await.unwrap(), UpdateOutcome::Deleted);
+        assert_eq!((ops.reads(), ops.get("k")), (0, None));
+    }
+
+    #[tokio::test]
+    async fn a_stale_seen_value_costs_a_read_and_never_decides() {
+        let ttl = Duration::from_secs(1);
+        let (cas, seen) = (Cas::default(), Bytes::from_static(b"old"));
+        // Changed since seen: the update applies to the value held now.
+        let ops = ByValue::with("k", b"new");
+        let out = cas.update_seen(&ops, "k", ttl, Some(&seen), &append_x);
+        assert_eq!(out.await.unwrap(), UpdateOutcome::Written("newx".into()));
+        assert_eq!((ops.reads(), ops.get("k")), (1, Some("newx".into())));
+
+        // Gone since seen: nothing is written, nothing revived.
+        let ops = ByValue::default();
+        let out = cas.update_seen(&ops, "k", ttl, Some(&seen), &append_x);
+        assert_eq!(out.await.unwrap(), UpdateOutcome::Missing);
+        assert_eq!((ops.reads(), ops.get("k")), (1, None));
+
+        // A refusal or "unreadable" on the seen value is not trusted: the
+        // value held now decides.
+        let picky = |v: &[u8]| match v {
+            b"old" => Err("too large".to_string()),
+            b"bad" => Ok(Update::Unreadable),
+            _ => append_x(v),
+        };
+        let ops = ByValue::with("k", b"new");
+        let out = cas.update_seen(&ops, "k", ttl, Some(&seen), &picky);
+        assert_eq!(out.await.unwrap(), UpdateOutcome::Written("newx".into()));
+        let bad = Bytes::from_static(b"bad");
+        let out = cas.update_seen(&ops, "k", ttl, Some(&bad), &picky);
+        assert_eq!(out.await.unwrap(), UpdateOutcome::Written("newxx".into()));
+        assert_eq!(ops.reads(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_seen_value_is_ignored_where_the_version_is_kept_apart() {
+        let ops = Versioned::default();
+        ops.map
+            .lock()
+            .unwrap()
+            .insert("k".into(), (Bytes::from_static(b"a"), 1));
+        // Versioned has no `version_of`: a stale seen value cannot be
+        // written against, the loop reads as `update` does.
+        let seen = Bytes::from_static(b"stale");
+        let out = Cas::default()
+            .update_seen(&ops, "k", Duration::from_secs(1), Some(&seen), &append_x)
+            .await
+            .unwrap();
+        assert_eq!(out, UpdateOutcome::Written(Bytes::from_static(b"ax")));
     }
 
     fn append_x(current: &[u8]) -> Result<Update, String> {

@@ -18,6 +18,8 @@ pub mod memcached;
 pub mod memory;
 #[cfg(feature = "mongodb")]
 pub mod mongodb;
+#[cfg(any(feature = "redis", feature = "sql"))]
+pub mod near;
 pub mod null;
 #[cfg(feature = "redis")]
 pub mod redis;

@@ -289,6 +289,90 @@ pub async fn concurrent_updates_through(stores: &[Store], key: &str) {
     }
 }
 
+/// `update_seen` with the value the store holds behaves as `update`; with
+/// a value replaced since it was seen, the update applies to the current
+/// value (the other write is kept, never overwritten with a stale base);
+/// with an expired or deleted entry, nothing is written; a refusal or an
+/// "unreadable" decided on the seen value is decided again on the current
+/// one.
+pub async fn update_seen_applies_to_the_current_value(store: Store) {
+    let add_mine = edit(|r| {
+        r.data.insert("mine".into(), json!(true));
+    });
+    let k = key("seen");
+    let seen = enc(json!({"a": 1}));
+    assert!(store.create(&k, &seen, TTL).await.unwrap());
+    let out = store.update_seen(&k, TTL, &seen, &add_mine).await.unwrap();
+    let mine = enc(json!({"a": 1, "mine": true}));
+    assert_eq!(out, UpdateOutcome::Written(mine.clone()));
+    assert_eq!(store.load(&k).await.unwrap().unwrap().value, mine);
+
+    // Stale: `seen` is no longer what the store holds.
+    let out = store.update_seen(&k, TTL, &seen, &add_mine).await.unwrap();
+    assert_eq!(out, UpdateOutcome::Written(mine.clone()));
+    let theirs = enc(json!({"theirs": 1}));
+    store
+        .update(&k, TTL, &|_| Ok(Update::Write(theirs.clone())))
+        .await
+        .unwrap();
+    let out = store.update_seen(&k, TTL, &mine, &add_mine).await.unwrap();
+    let both = enc(json!({"theirs": 1, "mine": true}));
+    assert_eq!(out, UpdateOutcome::Written(both.clone()));
+    assert_eq!(store.load(&k).await.unwrap().unwrap().value, both);
+
+    // Refused or unreadable on the seen value, fine on the current one.
+    let picky = |v: &[u8]| {
+        if v == &seen[..] {
+            return Err("too big".to_string());
+        }
+        if v == &mine[..] {
+            return Ok(Update::Unreadable);
+        }
+        Ok(Update::Delete)
+    };
+    let out = store.update_seen(&k, TTL, &seen, &picky).await.unwrap();
+    assert_eq!(out, UpdateOutcome::Deleted);
+    assert_eq!(store.load(&k).await.unwrap(), None);
+    assert!(store.create(&k, &both, TTL).await.unwrap());
+    let out = store.update_seen(&k, TTL, &mine, &picky).await.unwrap();
+    assert_eq!(out, UpdateOutcome::Deleted);
+
+    // Gone: deleted, or expired, since it was seen.
+    let out = store.update_seen(&k, TTL, &both, &add_mine).await.unwrap();
+    assert_eq!(out, UpdateOutcome::Missing);
+    assert_eq!(
+        store.load(&k).await.unwrap(),
+        None,
+        "revived a deleted entry"
+    );
+    assert!(store
+        .create(&k, &seen, Duration::from_secs(1))
+        .await
+        .unwrap());
+    // As in `expired_entries_are_gone`: some stores count whole seconds.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let out = store.update_seen(&k, TTL, &seen, &add_mine).await.unwrap();
+    assert_eq!(out, UpdateOutcome::Missing);
+    assert_eq!(
+        store.load(&k).await.unwrap(),
+        None,
+        "revived an expired entry"
+    );
+}
+
+/// Load `key` through `store` until the near cache answers.
+pub async fn load_until_cached(store: &Store, key: &str) {
+    for _ in 0..200 {
+        let before = store.near_cache_stats().unwrap().hits;
+        store.load(key).await.unwrap().unwrap();
+        if store.near_cache_stats().unwrap().hits > before {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    panic!("{key} never came from the near cache");
+}
+
 pub async fn check_succeeds(store: Store) {
     store.check().await.unwrap();
 }
@@ -323,6 +407,7 @@ macro_rules! store_contract {
             expired_entries_are_gone,
             purge_removes_only_expired,
             concurrent_updates_lose_nothing,
+            update_seen_applies_to_the_current_value,
             check_succeeds,
         );
     };

@@ -294,6 +294,8 @@ impl Drop for TestTable {
             return; // the temp dir goes with the SQLite file in it
         }
         let (kind, url, table) = (self.kind, self.url.clone(), self.quoted());
+        // The near cache's trigger function outlives its table.
+        let function = format!("\"{}_sgw_notify\"", self.name);
         // Drop runs inside the test's runtime; a thread with its own
         // runtime can block on the DROP without stalling that runtime.
         let _ = std::thread::spawn(move || {
@@ -306,7 +308,10 @@ impl Drop for TestTable {
                     if let Ok(db) = Db::connect(kind, &url).await {
                         let sql = format!("DROP TABLE IF EXISTS {table}");
                         let r = match &db {
-                            Db::Postgres(p) => sqlx::raw_sql(&sql).execute(p).await.map(drop),
+                            Db::Postgres(p) => {
+                                let sql = format!("{sql}; DROP FUNCTION IF EXISTS {function}()");
+                                sqlx::raw_sql(&sql).execute(p).await.map(drop)
+                            }
                             Db::MySql(p) => sqlx::raw_sql(&sql).execute(p).await.map(drop),
                             Db::Sqlite(p) => sqlx::raw_sql(&sql).execute(p).await.map(drop),
                         };

@@ -8,7 +8,10 @@
 //!   expiry the engine throttles refreshes on comes from the server.
 //! - `update` is optimistic: GET, apply the update function in Rust, then a
 //!   compare-and-set script writes (or deletes) only if the value is still
-//!   the one read; on a conflict it reads again. Every script touches one
+//!   the one read; on a conflict it reads again. When the request already
+//!   loaded the value (`update_seen`, every update the engine makes), the
+//!   first compare-and-set goes against that value with no GET: one round
+//!   trip per update unless the session changed during the request. Every script touches one
 //!   key, so all of this works unchanged on Redis Cluster. Within one
 //!   process, updates of a key also queue on a local lock, so concurrent
 //!   patches cost one round of GET + script each instead of racing.
@@ -22,16 +25,15 @@
 //!   from the copy before returning, so this process reads its own writes.
 
 mod cluster;
-mod near_cache;
 mod tracking;
 
 use super::cas::{Cas, CasOps};
+use super::near::{self, Near, NearCache, RawNearCache};
 use super::{StoreContext, StoreSpec};
 use crate::session::{Loaded, NearCacheStats, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
 use bytes::Bytes;
-use near_cache::{Fetched, Lookup, NearCache};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster::ClusterClient;
 use redis::{Cmd, ErrorKind, FromRedisValue, IntoConnectionInfo, RedisError, Value};
@@ -39,10 +41,8 @@ use serde::Deserialize;
 use serde_yaml::Value as Yaml;
 use std::fmt;
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
-use tokio::sync::oneshot;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 pub use tracking::CLIENT_NAME as TRACKING_CLIENT_NAME;
 
 /// Bound on establishing one connection (TCP, TLS, AUTH, SELECT). The
@@ -98,14 +98,6 @@ pub struct RedisConfig {
     op_timeout: Duration,
 }
 
-/// `store.near_cache.max_entries` when not given.
-pub const NEAR_CACHE_DEFAULT_ENTRIES: usize = 100_000;
-/// Longest wait of the first load for the near cache's tracking to come
-/// up (a quarter of `store.timeout` if that is less): long enough for a
-/// healthy Redis (a few round trips), short enough that a tracking
-/// connection that hangs costs the request little. Later loads never wait.
-const FIRST_ROUND_WAIT: Duration = Duration::from_millis(100);
-
 #[derive(Clone)]
 enum Target {
     /// `url:` one server (or a proxy in front of several).
@@ -140,16 +132,6 @@ struct RawConfig {
     near_cache: Option<RawNearCache>,
 }
 
-/// `store.near_cache`: off unless `enabled: true`.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawNearCache {
-    #[serde(default)]
-    enabled: bool,
-    #[serde(default)]
-    max_entries: Option<u64>,
-}
-
 /// Read one PEM file named by `key`, refusing anything that is not PEM.
 fn read_pem(key: &str, path: &std::path::Path) -> Result<Vec<u8>, ConfigError> {
     let bytes = std::fs::read(path)
@@ -179,7 +161,7 @@ impl fmt::Debug for RedisConfig {
 pub fn parse(keys: Yaml, ctx: &StoreContext) -> Result<Arc<dyn StoreSpec>, ConfigError> {
     let mut config = RedisConfig::parse(keys)?;
     config.key_prefix = ctx.key_prefix.clone();
-    config.first_round_wait = FIRST_ROUND_WAIT.min(ctx.timeout / 4);
+    config.first_round_wait = near::FIRST_ROUND_WAIT.min(ctx.timeout / 4);
     config.op_timeout = ctx.timeout;
     Ok(Arc::new(config))
 }
@@ -208,16 +190,7 @@ impl RedisConfig {
         let raw: RawConfig = deserialize_at(rest, "store")?;
         let tls = Self::parse_tls(&raw)?;
         let near_cache = match &raw.near_cache {
-            Some(nc) => {
-                let n = nc.max_entries.unwrap_or(NEAR_CACHE_DEFAULT_ENTRIES as u64);
-                let n = usize::try_from(n)
-                    .ok()
-                    .and_then(NonZeroUsize::new)
-                    .ok_or_else(|| {
-                        ConfigError::new("store.near_cache.max_entries", "must be at least 1")
-                    })?;
-                nc.enabled.then_some(n)
-            }
+            Some(nc) => nc.max_entries()?,
             None => None,
         };
         let target = match (raw.url, raw.cluster) {
@@ -292,7 +265,7 @@ impl RedisConfig {
             tls,
             near_cache,
             key_prefix: String::new(),
-            first_round_wait: FIRST_ROUND_WAIT,
+            first_round_wait: near::FIRST_ROUND_WAIT,
             op_timeout: RESPONSE_TIMEOUT,
         })
     }
@@ -412,103 +385,10 @@ pub struct RedisStore {
     load_sha: String,
     cas_sha: String,
     cas: Cas,
-    near: Option<Near>,
-}
-
-/// The near cache of a store and its tracker.
-struct Near {
-    cache: Arc<NearCache>,
-    /// The tracker until the first load (or check) starts it on the
-    /// caller's runtime: a store opened only for background purging never
-    /// opens tracking connections.
-    tracker: Mutex<Option<(tracking::Tracker, oneshot::Receiver<()>)>>,
-    started: AtomicBool,
-    status: Arc<tracking::Status>,
-    first_round_wait: Duration,
-    /// Only keys under the tracked prefix may be cached: Redis tells us
-    /// nothing about the others.
-    prefix: String,
-    /// Dropped with the store, which ends the tracker.
-    _stop: oneshot::Sender<()>,
-}
-
-impl Near {
-    fn new(max_entries: NonZeroUsize, nodes: tracking::Nodes, config: &RedisConfig) -> Near {
-        let cache = Arc::new(NearCache::new(max_entries));
-        let status = Arc::new(tracking::Status::default());
-        let (stop, stopped) = oneshot::channel();
-        let tracker = tracking::Tracker {
-            cache: cache.clone(),
-            nodes,
-            tls: config.tls.clone(),
-            prefix: config.key_prefix.clone(),
-            status: status.clone(),
-            quiet: false,
-        };
-        Near {
-            cache,
-            tracker: Mutex::new(Some((tracker, stopped))),
-            started: AtomicBool::new(false),
-            status,
-            first_round_wait: config.first_round_wait,
-            prefix: config.key_prefix.clone(),
-            _stop: stop,
-        }
-    }
-
-    /// Start tracking on the caller's runtime if nobody did yet; the
-    /// caller that starts it waits (briefly) for the first round, so a
-    /// gateway's cache works from its first requests on and tests see it
-    /// at once. Everyone else is served by Redis until tracking is live.
-    async fn start(&self) {
-        self.start_with(false).await
-    }
-
-    /// `quiet`: the starter reports a failure of the first round itself
-    /// (`--test`), so the tracker does not log it too.
-    async fn start_with(&self, quiet: bool) {
-        if self.started.load(Ordering::Acquire) {
-            return;
-        }
-        let taken = self
-            .tracker
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let Some((mut tracker, stopped)) = taken {
-            tracker.quiet = quiet;
-            self.started.store(true, Ordering::Release);
-            tokio::spawn(tracker.run(stopped));
-            let _ = self.first_round(self.first_round_wait).await;
-        }
-    }
-
-    /// Wait up to `limit` for tracking to be live; else the last round's
-    /// error (or a timeout).
-    async fn first_round(&self, limit: Duration) -> Result<(), StoreError> {
-        let deadline = Instant::now() + limit;
-        loop {
-            if self.cache.is_live() {
-                return Ok(());
-            }
-            if let Some(e) = self.status.error() {
-                return Err(e);
-            }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(
-                    "redis near cache: invalidation tracking not established in time".into(),
-                ));
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-    }
-
-    /// For `--test`: tracking must come up.
-    async fn check(&self) -> Result<(), StoreError> {
-        self.start_with(true).await;
-        self.first_round(CONNECT_TIMEOUT + tracking::HEARTBEAT_TIMEOUT)
-            .await
-    }
+    near: Option<Near<tracking::Tracker>>,
+    /// `session.key_prefix`: only keys under it may be cached, Redis
+    /// tells us nothing about the others.
+    near_prefix: String,
 }
 
 impl RedisStore {
@@ -565,15 +445,26 @@ impl RedisStore {
                 (Conn::Cluster(pool), nodes)
             }
         };
-        let near = config
-            .near_cache
-            .map(|max_entries| Near::new(max_entries, nodes, config));
+        let near = config.near_cache.map(|max_entries| {
+            let cache = Arc::new(NearCache::new(max_entries));
+            let status = Arc::new(near::Status::default());
+            let tracker = tracking::Tracker {
+                cache: cache.clone(),
+                nodes,
+                tls: config.tls.clone(),
+                prefix: config.key_prefix.clone(),
+                status: status.clone(),
+            };
+            let check_wait = CONNECT_TIMEOUT + near::HEARTBEAT_TIMEOUT;
+            Near::new(cache, status, tracker, config.first_round_wait, check_wait)
+        });
         Ok(RedisStore {
             conn,
             load_sha: redis::Script::new(LOAD_LUA).get_hash().to_string(),
             cas_sha: redis::Script::new(CAS_LUA).get_hash().to_string(),
             cas: Cas::default(),
             near,
+            near_prefix: config.key_prefix.clone(),
         })
     }
 
@@ -581,7 +472,7 @@ impl RedisStore {
     /// its next read here sees the change even before Redis' push arrives.
     fn forget(&self, key: &str) {
         if let Some(near) = &self.near {
-            near.cache.invalidate(key);
+            near.forget(key);
         }
     }
 
@@ -694,6 +585,12 @@ impl CasOps for RedisStore {
             .await?;
         Ok(swapped == 1)
     }
+
+    /// A value is its own version: an update can compare-and-set against
+    /// the value its request loaded, without a GET first.
+    fn version_of(&self, value: &Bytes) -> Option<Bytes> {
+        Some(value.clone())
+    }
 }
 
 /// TTL in milliseconds as Redis wants it: at least 1 (PX 0 is an error).
@@ -753,35 +650,18 @@ fn map_err(e: RedisError) -> StoreError {
 #[async_trait]
 impl SessionStore for RedisStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let ticket = match &self.near {
-            Some(near) if key.starts_with(&near.prefix) => {
-                near.start().await;
-                match near.cache.lookup(key) {
-                    Lookup::Hit(loaded) => return Ok(Some(loaded)),
-                    Lookup::Miss(ticket) => ticket,
-                }
+        match &self.near {
+            Some(near) if key.starts_with(&self.near_prefix) => {
+                near.load(key, || self.fetch(key)).await
             }
-            _ => None,
-        };
-        // Taken before sending: the expiry it gives is never later than
-        // the server's.
-        let sent = Fetched {
-            sent: Instant::now(),
-            sent_wall: SystemTime::now(),
-        };
-        let found = self.fetch(key).await;
-        if let (Some(near), Some(ticket)) = (&self.near, ticket) {
-            match &found {
-                Ok(Some((value, pttl))) if !pttl.is_zero() => {
-                    near.cache.fill(key, ticket, value.clone(), sent, *pttl)
-                }
-                _ => near.cache.cancel(key, ticket),
+            _ => {
+                let sent = SystemTime::now();
+                Ok(self.fetch(key).await?.map(|(value, pttl)| Loaded {
+                    value,
+                    expires_at: sent + pttl,
+                }))
             }
         }
-        Ok(found?.map(|(value, pttl)| Loaded {
-            value,
-            expires_at: sent.sent_wall + pttl,
-        }))
     }
 
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
@@ -803,6 +683,18 @@ impl SessionStore for RedisStore {
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
         let outcome = self.cas.update(self, key, ttl, f).await;
+        self.forget(key);
+        outcome
+    }
+
+    async fn update_seen(
+        &self,
+        key: &str,
+        ttl: Duration,
+        seen: &Bytes,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let outcome = self.cas.update_seen(self, key, ttl, Some(seen), f).await;
         self.forget(key);
         outcome
     }
@@ -845,7 +737,7 @@ impl SessionStore for RedisStore {
     }
 
     fn near_cache_stats(&self) -> Option<NearCacheStats> {
-        self.near.as_ref().map(|n| n.cache.stats())
+        self.near.as_ref().map(Near::stats)
     }
 }
 
@@ -914,7 +806,7 @@ mod tests {
         let c = parse(&format!("{{{url}, near_cache: {{enabled: true}}}}")).unwrap();
         assert_eq!(
             c.near_cache.map(NonZeroUsize::get),
-            Some(NEAR_CACHE_DEFAULT_ENTRIES)
+            Some(near::DEFAULT_ENTRIES)
         );
         assert!(c.describe().contains("near cache of up to 100000"), "{c:?}");
         let c = parse(&format!(

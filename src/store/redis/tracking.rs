@@ -24,28 +24,21 @@
 //! changes we have not been told about). A new round starts after a short
 //! backoff.
 
-use super::near_cache::NearCache;
 use super::{map_err, CONNECT_TIMEOUT};
 use crate::session::StoreError;
+use crate::store::near::{NearCache, Notifier, Status, HEARTBEAT, HEARTBEAT_TIMEOUT};
+use async_trait::async_trait;
 use redis::aio::MultiplexedConnection;
 use redis::{
     AsyncConnectionConfig, Client, ConnectionAddr, ConnectionInfo, ProtocolVersion, PushInfo,
     PushKind, RedisResult, TlsCertificates, Value,
 };
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
+use std::sync::Arc;
+use tokio::sync::mpsc;
 
 /// `CLIENT SETNAME` of every tracking connection, so operators (and
 /// tests) can find them in `CLIENT LIST`.
 pub const CLIENT_NAME: &str = "session-gateway-tracking";
-/// How often each tracking connection is probed, and the topology of a
-/// cluster re-read.
-pub const HEARTBEAT: Duration = Duration::from_secs(1);
-/// A probe unanswered this long means invalidations may be lost.
-pub const HEARTBEAT_TIMEOUT: Duration = Duration::from_secs(1);
-const MIN_BACKOFF: Duration = Duration::from_millis(50);
-const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// Where the nodes to track come from.
 pub(super) enum Nodes {
@@ -59,38 +52,6 @@ pub(super) enum Nodes {
     },
 }
 
-/// Why the last round failed, for `--test` (cleared when a round is live).
-#[derive(Default)]
-pub(super) struct Status {
-    last_error: Mutex<Option<(bool, String)>>,
-}
-
-impl Status {
-    fn set(&self, e: &StoreError) {
-        let entry = match e {
-            StoreError::Unavailable(m) => (true, m.clone()),
-            StoreError::Backend(m) | StoreError::Rejected(m) => (false, m.clone()),
-        };
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(entry);
-    }
-
-    fn clear(&self) {
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = None;
-    }
-
-    /// The error of the last failed round, if no round is live since.
-    pub fn error(&self) -> Option<StoreError> {
-        let guard = self.last_error.lock().unwrap_or_else(|p| p.into_inner());
-        guard.as_ref().map(|(unavailable, msg)| {
-            if *unavailable {
-                StoreError::Unavailable(msg.clone())
-            } else {
-                StoreError::Backend(msg.clone())
-            }
-        })
-    }
-}
-
 pub(super) struct Tracker {
     pub cache: Arc<NearCache>,
     pub nodes: Nodes,
@@ -98,51 +59,14 @@ pub(super) struct Tracker {
     /// `session.key_prefix`; empty tracks every key.
     pub prefix: String,
     pub status: Arc<Status>,
-    /// Log the first failed round at debug level only: whoever started
-    /// the tracker reports it (`--test`).
-    pub quiet: bool,
 }
 
-impl Tracker {
-    /// Track until `stop` fires (the store was dropped).
-    pub async fn run(self, mut stop: oneshot::Receiver<()>) {
-        let mut backoff = MIN_BACKOFF;
-        // After the first warning, failures are logged at debug level
-        // until tracking has been live again; a quiet start (`--test`) does
-        // not log its first failure at all (its caller reports it).
-        let mut quiet = self.quiet;
-        let mut first_quiet = self.quiet;
-        loop {
-            let generation = self.cache.begin_round();
-            let started = Instant::now();
-            let error = tokio::select! {
-                _ = &mut stop => return,
-                e = self.round(generation) => e,
-            };
-            let was_live = self.cache.is_live();
-            self.cache.go_down();
-            self.status.set(&error);
-            if was_live || !quiet {
-                tracing::warn!(
-                    error = %error,
-                    "redis near cache: invalidation tracking lost; cache emptied and bypassed until it is back"
-                );
-                quiet = true;
-            } else if !std::mem::take(&mut first_quiet) {
-                tracing::debug!(error = %error, "redis near cache: tracking still down");
-            }
-            if started.elapsed() > 10 * MAX_BACKOFF {
-                backoff = MIN_BACKOFF;
-            }
-            tokio::select! {
-                _ = &mut stop => return,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(MAX_BACKOFF);
-        }
+#[async_trait]
+impl Notifier for Tracker {
+    fn label(&self) -> &'static str {
+        "redis near cache"
     }
 
-    /// One round; returns why it ended.
     async fn round(&self, generation: u64) -> StoreError {
         let (lost_tx, mut lost_rx) = mpsc::unbounded_channel::<String>();
         let targets = match self.targets().await {
@@ -198,7 +122,9 @@ impl Tracker {
             }
         }
     }
+}
 
+impl Tracker {
     /// The nodes to track now.
     async fn targets(&self) -> Result<Vec<ConnectionInfo>, StoreError> {
         match &self.nodes {
@@ -421,7 +347,8 @@ e7d1 127.0.0.1:30001@31001 myself,master - 0 0 1 connected 0-5460
 
     #[test]
     fn invalidations_drop_keys_and_null_drops_everything() {
-        use super::super::near_cache::{Fetched, Lookup};
+        use crate::store::near::{Fetched, Lookup};
+        use std::time::{Duration, Instant};
         let cache = NearCache::new(std::num::NonZeroUsize::new(10).unwrap());
         let g = cache.begin_round();
         assert!(cache.go_live(g));

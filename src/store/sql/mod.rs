@@ -15,11 +15,14 @@
 //! - `update` is a transaction holding a row lock across read-modify-write;
 //! - `purge_expired` deletes in bounded batches.
 
+mod listen;
+pub use listen::APPLICATION_NAME as LISTEN_APPLICATION_NAME;
 mod mysql;
 mod pool;
 mod postgres;
 mod sqlite;
 
+use super::near::{self, RawNearCache};
 use super::{StoreContext, StoreSpec};
 use crate::session::{self, Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use crate::yaml::{deserialize_at, ConfigError};
@@ -28,6 +31,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde_yaml::Value;
 use std::fmt;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -152,6 +156,10 @@ struct Keys {
     /// Most pooled connections per gateway process.
     #[serde(default = "default_max_connections")]
     max_connections: u32,
+    /// PostgreSQL only: an in-process copy of read sessions, kept
+    /// coherent by a trigger and `LISTEN`/`NOTIFY`.
+    #[serde(default)]
+    near_cache: Option<RawNearCache>,
 }
 
 fn default_table() -> String {
@@ -179,6 +187,11 @@ pub struct SqlConfig {
     /// no `store.timeout` applies (background purge, `cleanup`). The
     /// engine's `store.timeout` still bounds every request on its own.
     pub acquire_timeout: Duration,
+    /// `near_cache.max_entries` when the near cache is enabled
+    /// (PostgreSQL only).
+    near_cache: Option<NonZeroUsize>,
+    /// How long the first load waits for the near cache's notifications.
+    first_round_wait: Duration,
 }
 
 /// Default of [`SqlConfig::acquire_timeout`]: near the default
@@ -229,6 +242,20 @@ impl SqlConfig {
                 ),
             )
         })?;
+        let near_cache = match &keys.near_cache {
+            Some(nc) => nc.max_entries()?,
+            None => None,
+        };
+        if near_cache.is_some() && dialect != Dialect::Postgres {
+            return Err(ConfigError::new(
+                "store.near_cache",
+                format!(
+                    "only PostgreSQL can notify gateways of each other's changes \
+                     (LISTEN/NOTIFY); a near cache on {} would serve stale sessions",
+                    dialect.name()
+                ),
+            ));
+        }
         if keys.max_connections == 0 {
             return Err(ConfigError::new(
                 "store.max_connections",
@@ -242,13 +269,22 @@ impl SqlConfig {
             create_table: keys.create_table,
             max_connections: keys.max_connections,
             acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            near_cache,
+            first_round_wait: near::FIRST_ROUND_WAIT,
         })
     }
 
     /// One line for `--test`, without the password.
     pub fn describe(&self) -> String {
+        let near = match self.near_cache {
+            Some(n) => format!(
+                ", near_cache {n} entries, channel {}",
+                listen::Trigger::new(&self.table).channel
+            ),
+            None => String::new(),
+        };
         format!(
-            "sql {} ({}, table {}, create_table {}, max_connections {})",
+            "sql {} ({}, table {}, create_table {}, max_connections {}{near})",
             self.dialect.name(),
             redact_url(&self.url),
             self.table,
@@ -430,6 +466,7 @@ pub fn parse(keys: Value, ctx: &StoreContext) -> Result<Arc<dyn StoreSpec>, Conf
     // A dead database should fail a request within its budget, not wait
     // for a pooled connection longer than that.
     config.acquire_timeout = ctx.timeout.max(Duration::from_millis(250));
+    config.first_round_wait = near::FIRST_ROUND_WAIT.min(ctx.timeout / 4);
     Ok(Arc::new(config))
 }
 

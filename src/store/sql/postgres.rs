@@ -12,7 +12,12 @@
 //! ```
 //! - `update`: `SELECT ... FOR UPDATE` in a transaction; the row lock holds
 //!   off every other update of the same session until commit, and a row
-//!   deleted or expired meanwhile is re-checked after the wait.
+//!   deleted or expired meanwhile is re-checked after the wait. When the
+//!   request already loaded the row (`update_seen`, every update the
+//!   engine makes), one conditional statement comes first:
+//!   `UPDATE`/`DELETE ... WHERE id = $1 AND expires > now AND data = <the
+//!   loaded bytes>`; only if it finds the row changed (or gone) does the
+//!   transaction run.
 //! - `create`: one `INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE the old
 //!   row expired`, so a live row is never overwritten.
 //! - purge: `DELETE ... WHERE id IN (SELECT ... LIMIT n FOR UPDATE SKIP
@@ -20,19 +25,28 @@
 //!   and never wait on a row a request holds.
 //! - Times are bound as microseconds since the epoch and converted in SQL,
 //!   exactly (no float rounding), without a date-time crate.
+//! - With `near_cache` enabled, loads go through an in-process copy kept
+//!   coherent by a trigger and `LISTEN` ([`super::listen`]); every write
+//!   through this store also drops its key from the copy before returning,
+//!   so this process reads its own writes.
 
+use super::listen::{Listener, Trigger};
 use super::pool::{pooled, Pool};
 use super::{
     classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
     SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
-use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::session::{
+    Loaded, NearCacheStats, SessionStore, Step, StoreError, UpdateFn, UpdateOutcome,
+};
+use crate::store::near::{self, Near, NearCache};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 pub(super) fn options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
     PgConnectOptions::from_str(url)
@@ -70,6 +84,8 @@ struct Sql {
     lock: String,
     write: String,
     delete: String,
+    write_if: String,
+    delete_if: String,
     touch: String,
     purge: String,
     probe: String,
@@ -97,6 +113,15 @@ impl Sql {
             ),
             write: format!("UPDATE {t} SET data = $2, expires = {} WHERE id = $1", ts(3)),
             delete: format!("DELETE FROM {t} WHERE id = $1"),
+            write_if: format!(
+                "UPDATE {t} SET data = $2, expires = {} WHERE id = $1 AND expires > {} AND data = $5",
+                ts(3),
+                ts(4)
+            ),
+            delete_if: format!(
+                "DELETE FROM {t} WHERE id = $1 AND expires > {} AND data = $3",
+                ts(2)
+            ),
             touch: format!(
                 "UPDATE {t} SET expires = {} WHERE id = $1 AND expires > {}",
                 ts(2),
@@ -129,6 +154,7 @@ pub(super) struct PgStore {
     pool: Pool<PgConnection>,
     table: TableName,
     sql: Sql,
+    near: Option<Near<Listener>>,
 }
 
 impl PgStore {
@@ -137,11 +163,26 @@ impl PgStore {
             .map_err(StoreError::backend)?
             .log_statements(tracing_log::log::LevelFilter::Trace)
             .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
+        let trigger = Trigger::new(&cfg.table);
+        let near = cfg.near_cache.map(|max_entries| {
+            let cache = Arc::new(NearCache::new(max_entries));
+            let status = Arc::new(near::Status::default());
+            let listener = Listener {
+                cache: cache.clone(),
+                status: status.clone(),
+                options: options.clone(),
+                trigger: trigger.clone(),
+                connect_timeout: cfg.acquire_timeout.max(Duration::from_secs(1)),
+            };
+            let check_wait = cfg.acquire_timeout.max(Duration::from_secs(1)) * 2;
+            Near::new(cache, status, listener, cfg.first_round_wait, check_wait)
+        });
         let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
         let store = PgStore {
             pool,
             table: cfg.table.clone(),
             sql: Sql::new(&cfg.table),
+            near,
         };
         // Establish a connection now: a bad URL or a dead server fails this
         // call, which the store handle does not cache.
@@ -149,7 +190,53 @@ impl PgStore {
         if cfg.create_table {
             store.ensure_table().await?;
         }
+        if store.near.is_some() {
+            store.ensure_trigger(&trigger).await?;
+        }
         Ok(store)
+    }
+
+    /// Install the near cache's change notifications (idempotent), under
+    /// the same advisory lock as the table's creation.
+    async fn ensure_trigger(&self, trigger: &Trigger) -> Result<(), StoreError> {
+        // Usually in place already (every gateway connection after the
+        // first, each runtime of a gateway): one query, no DDL, no lock.
+        let enabled = pooled!(self.pool, |c| sqlx::query_scalar::<_, i64>(
+            &trigger.enabled_query()
+        )
+        .fetch_one(c));
+        if matches!(enabled, Ok(2)) {
+            return Ok(());
+        }
+        self.run_ddl(&trigger.ddl(), |e| {
+            format!(
+                "store.near_cache: cannot install the change trigger on table `{}` \
+                 (the table's owner can run the SQL in the README's PostgreSQL near \
+                 cache section): postgres: {e}",
+                self.table
+            )
+        })
+        .await
+    }
+
+    /// The live row of `key` from the database.
+    async fn fetch(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
+        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
+            .bind(key)
+            .bind(now_micros())
+            .fetch_optional(c))
+        .map_err(err)?;
+        let Some(row) = row else { return Ok(None) };
+        let data: Vec<u8> = row.try_get(0).map_err(err)?;
+        let expires_us: i64 = row.try_get(1).map_err(err)?;
+        Ok(Some(loaded(data, expires_us)))
+    }
+
+    /// Drop `key` from the near cache after this process changed it.
+    fn forget(&self, key: &str) {
+        if let Some(near) = &self.near {
+            near.forget(key);
+        }
     }
 
     /// Create the table and index unless the table exists. Gateways that
@@ -159,6 +246,25 @@ impl PgStore {
         if self.probe().await.is_ok() {
             return Ok(());
         }
+        self.run_ddl(&self.sql.ddl, |e| {
+            format!(
+                "store.table: cannot create table `{}`: postgres: {e}",
+                self.table
+            )
+        })
+        .await?;
+        tracing::info!(table = %self.table, "created the session table (if it was missing)");
+        Ok(())
+    }
+
+    /// Run `statements` in one transaction under this table's advisory
+    /// lock, so gateways starting together never race in DDL; a failing
+    /// statement is reported with `message`.
+    async fn run_ddl(
+        &self,
+        statements: &[String],
+        message: impl Fn(sqlx::Error) -> String,
+    ) -> Result<(), StoreError> {
         let mut conn = self.pool.acquire().await.map_err(err)?;
         let mut tx = conn.begin().await.map_err(err)?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
@@ -166,30 +272,81 @@ impl PgStore {
             .execute(&mut *tx)
             .await
             .map_err(err)?;
-        for statement in &self.sql.ddl {
+        for statement in statements {
             // `query` rather than `raw_sql`: the latter's executor bounds
             // make this future fail the `Send` check callers need.
             sqlx::query(statement)
                 .persistent(false)
                 .execute(&mut *tx)
                 .await
-                .map_err(|e| {
-                    StoreError::Backend(format!(
-                        "store.table: cannot create table `{}`: postgres: {e}",
-                        self.table
-                    ))
-                })?;
+                .map_err(|e| StoreError::Backend(message(e)))?;
         }
         tx.commit().await.map_err(err)?;
-        conn.done(Ok(())).map_err(err)?;
-        tracing::info!(table = %self.table, "created the session table (if it was missing)");
-        Ok(())
+        conn.done(Ok(())).map_err(err)
     }
 
     async fn probe(&self) -> Result<(), sqlx::Error> {
         pooled!(self.pool, |c| sqlx::query(&self.sql.probe)
             .fetch_optional(c))
         .map(drop)
+    }
+
+    /// Apply `f` to `seen` and write (or delete) only if the row still
+    /// holds exactly `seen` and is live, in one statement. `None`: it
+    /// changed or vanished, or `f` did not decide to write or delete (a
+    /// refusal is decided on the current row, by the transaction).
+    async fn update_if_unchanged(
+        &self,
+        key: &str,
+        ttl: Duration,
+        seen: &Bytes,
+        f: &UpdateFn<'_>,
+    ) -> Result<Option<UpdateOutcome>, StoreError> {
+        let (now, expires) = now_and_expiry(ttl);
+        Ok(match crate::session::decide(Some(seen), f) {
+            Ok(Step::Write(value)) => {
+                let done = pooled!(self.pool, |c| sqlx::query(&self.sql.write_if)
+                    .bind(key)
+                    .bind(&value[..])
+                    .bind(expires)
+                    .bind(now)
+                    .bind(&seen[..])
+                    .execute(c))
+                .map_err(err)?;
+                (done.rows_affected() == 1).then_some(UpdateOutcome::Written(value))
+            }
+            Ok(Step::Delete) => {
+                let done = pooled!(self.pool, |c| sqlx::query(&self.sql.delete_if)
+                    .bind(key)
+                    .bind(now)
+                    .bind(&seen[..])
+                    .execute(c))
+                .map_err(err)?;
+                (done.rows_affected() == 1).then_some(UpdateOutcome::Deleted)
+            }
+            _ => None,
+        })
+    }
+
+    /// The update transaction, re-run on a serialization conflict.
+    async fn update_attempts(
+        &self,
+        key: &str,
+        ttl: Duration,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let mut attempt = 0;
+        loop {
+            match pooled!(self.pool, |c| self.try_update(c, key, ttl, f)) {
+                Ok(Ok(outcome)) => return Ok(outcome),
+                Ok(Err(msg)) => return Err(StoreError::Rejected(msg)),
+                Err(e) if conflict(&e) && attempt < CONFLICT_RETRIES => {
+                    attempt += 1;
+                    tracing::debug!(attempt, error = %e, "session update conflicted; retrying");
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
     }
 
     /// One update attempt on `conn`, in a transaction (run through
@@ -239,15 +396,20 @@ impl PgStore {
 #[async_trait]
 impl SessionStore for PgStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
-            .bind(key)
-            .bind(now_micros())
-            .fetch_optional(c))
-        .map_err(err)?;
-        let Some(row) = row else { return Ok(None) };
-        let data: Vec<u8> = row.try_get(0).map_err(err)?;
-        let expires_us: i64 = row.try_get(1).map_err(err)?;
-        Ok(Some(loaded(data, expires_us)))
+        let Some(near) = &self.near else {
+            return self.fetch(key).await;
+        };
+        near.load(key, || async {
+            let found = self.fetch(key).await?;
+            // Measured after the reply: the cache's expiry (taken from
+            // before the query was sent) is never later than the row's.
+            let now = SystemTime::now();
+            Ok(found.map(|l| {
+                let ttl = l.expires_at.duration_since(now).unwrap_or_default();
+                (l.value, ttl)
+            }))
+        })
+        .await
     }
 
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
@@ -257,9 +419,9 @@ impl SessionStore for PgStore {
             .bind(&value[..])
             .bind(expires)
             .bind(now)
-            .execute(c))
-        .map_err(err)?;
-        Ok(done.rows_affected() == 1)
+            .execute(c));
+        self.forget(key);
+        Ok(done.map_err(err)?.rows_affected() == 1)
     }
 
     async fn update(
@@ -268,25 +430,33 @@ impl SessionStore for PgStore {
         ttl: Duration,
         f: &UpdateFn<'_>,
     ) -> Result<UpdateOutcome, StoreError> {
-        let mut attempt = 0;
-        loop {
-            match pooled!(self.pool, |c| self.try_update(c, key, ttl, f)) {
-                Ok(Ok(outcome)) => return Ok(outcome),
-                Ok(Err(msg)) => return Err(StoreError::Rejected(msg)),
-                Err(e) if conflict(&e) && attempt < CONFLICT_RETRIES => {
-                    attempt += 1;
-                    tracing::debug!(attempt, error = %e, "session update conflicted; retrying");
-                }
-                Err(e) => return Err(err(e)),
-            }
-        }
+        let outcome = self.update_attempts(key, ttl, f).await;
+        self.forget(key);
+        outcome
+    }
+
+    async fn update_seen(
+        &self,
+        key: &str,
+        ttl: Duration,
+        seen: &Bytes,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        let outcome = match self.update_if_unchanged(key, ttl, seen, f).await {
+            Ok(Some(outcome)) => Ok(outcome),
+            Ok(None) => self.update_attempts(key, ttl, f).await,
+            Err(e) => Err(e),
+        };
+        self.forget(key);
+        outcome
     }
 
     async fn delete(&self, key: &str) -> Result<(), StoreError> {
-        pooled!(self.pool, |c| sqlx::query(&self.sql.delete)
+        let done = pooled!(self.pool, |c| sqlx::query(&self.sql.delete)
             .bind(key)
-            .execute(c))
-        .map_err(err)?;
+            .execute(c));
+        self.forget(key);
+        done.map_err(err)?;
         Ok(())
     }
 
@@ -296,9 +466,9 @@ impl SessionStore for PgStore {
             .bind(key)
             .bind(expires)
             .bind(now)
-            .execute(c))
-        .map_err(err)?;
-        Ok(done.rows_affected() == 1)
+            .execute(c));
+        self.forget(key);
+        Ok(done.map_err(err)?.rows_affected() == 1)
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
@@ -327,6 +497,14 @@ impl SessionStore for PgStore {
         self.probe().await.map_err(|e| match e {
             sqlx::Error::Database(_) => missing_table(Dialect::Postgres, &self.table, e),
             other => err(other),
-        })
+        })?;
+        if let Some(near) = &self.near {
+            near.check().await?;
+        }
+        Ok(())
+    }
+
+    fn near_cache_stats(&self) -> Option<NearCacheStats> {
+        self.near.as_ref().map(Near::stats)
     }
 }

@@ -1,7 +1,9 @@
 //! The near cache's memory: a bounded, sharded LRU map `key -> (value,
-//! expiry)` that is only trusted while Redis' invalidation pushes are known
-//! to reach it ([`super::tracking`] says so through [`NearCache::go_live`]
-//! and withdraws it through [`NearCache::go_down`] / [`NearCache::lost`]).
+//! expiry)` that is only trusted while the store's change notifications
+//! (Redis' invalidation pushes, PostgreSQL's `NOTIFY`) are known to reach
+//! it (the store's [`super::Notifier`] says so through
+//! [`NearCache::go_live`] and withdraws it through [`NearCache::go_down`] /
+//! [`NearCache::lost`]).
 //!
 //! What it guarantees, whatever the order in which replies, pushes and
 //! connection losses arrive:
@@ -32,7 +34,7 @@ enum Slot {
     Pending(u64),
     Ready {
         value: Bytes,
-        /// When the key expires in Redis, on this process' monotonic
+        /// When the key expires in the store, on this process' monotonic
         /// clock (never later than the server's expiry: see [`Fetched`]).
         deadline: Instant,
         /// The same moment as wall-clock time, as the engine wants it.
@@ -46,13 +48,14 @@ pub struct Ticket(u64);
 
 pub enum Lookup {
     Hit(Loaded),
-    /// Read from Redis. `Some`: then offer the reply to
+    /// Read from the store. `Some`: then offer the reply to
     /// [`NearCache::fill`]; `None`: the cache is bypassed (tracking down).
     Miss(Option<Ticket>),
 }
 
-/// When a read was sent, taken before sending: `sent + PTTL` is never
-/// later than the key's real expiry, so an entry cannot outlive it.
+/// When a read was sent, taken before sending: `sent + TTL` (the TTL the
+/// store reported as remaining) is never later than the key's real
+/// expiry, so an entry cannot outlive it.
 #[derive(Clone, Copy)]
 pub struct Fetched {
     pub sent: Instant,
@@ -97,7 +100,7 @@ impl NearCache {
         }
     }
 
-    /// The live entry of `key`, or a ticket to read it from Redis.
+    /// The live entry of `key`, or a ticket to read it from the store.
     pub fn lookup(&self, key: &str) -> Lookup {
         let now = Instant::now();
         let mut map = self.map.shard(key);
@@ -139,7 +142,7 @@ impl NearCache {
     }
 
     /// Store the reply of the read `ticket` was issued for: `value`, which
-    /// Redis reported would expire `pttl` after `fetched.sent`. Does
+    /// the store reported would expire `pttl` after `fetched.sent`. Does
     /// nothing if the key was invalidated (or the cache flushed) since.
     pub fn fill(
         &self,
@@ -169,14 +172,14 @@ impl NearCache {
         }
     }
 
-    /// Forget `key` (Redis said it changed, or this process changed it).
+    /// Forget `key` (the store said it changed, or this process changed it).
     pub fn invalidate(&self, key: &str) {
         if self.map.shard(key).pop(key).is_some() {
             self.invalidations.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Forget everything but stay live (Redis was flushed: FLUSHALL).
+    /// Forget everything but stay live (the store was flushed: Redis FLUSHALL, a TRUNCATE).
     pub fn invalidate_all(&self) {
         let _control = self.control.lock().unwrap_or_else(|p| p.into_inner());
         self.flush();
