@@ -15,7 +15,7 @@ use std::path::Path;
 
 /// Every store, in run order: a variant right after what it is compared
 /// with, so both see the same background load.
-pub const ALL: [&str; 15] = [
+pub const ALL: [&str; 16] = [
     "baseline",
     "baseline-quiet",
     "memory",
@@ -28,12 +28,15 @@ pub const ALL: [&str; 15] = [
     "sqlite",
     "postgres",
     "postgres-near",
+    "postgres-unix",
     "mysql",
     "mongodb",
     "dynamodb",
 ];
 
 pub const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
+/// The same database through its Unix-domain socket (Debian's directory).
+pub const POSTGRES_UNIX_URL: &str = "postgres://postgres@localhost/test?host=/var/run/postgresql";
 pub const MYSQL_URL: &str = "mysql://root@127.0.0.1:3306/test";
 
 /// A store ready to be used by any number of gateway starts.
@@ -62,7 +65,7 @@ pub struct StoreEnv {
 pub fn read_only(name: &str) -> bool {
     matches!(
         name,
-        "baseline-quiet" | "memory-sealed" | "redis-sealed" | "postgres-near"
+        "baseline-quiet" | "memory-sealed" | "redis-sealed" | "postgres-near" | "postgres-unix"
     )
 }
 
@@ -169,6 +172,8 @@ fn prepare_kind(kind: &str, name: &str, dir: &Path, run_id: &str) -> Result<Stor
         "postgres" => Ok(sql(POSTGRES_URL, "")),
         // The same with the near cache on (a trigger + LISTEN/NOTIFY).
         "postgres-near" => Ok(sql(POSTGRES_URL, ", near_cache: {enabled: true}")),
+        // The same over a Unix-domain socket instead of loopback TCP.
+        "postgres-unix" => Ok(sql(POSTGRES_UNIX_URL, "")),
         "mysql" => Ok(sql(MYSQL_URL, "")),
         other => Err(format!(
             "unknown store `{other}` (known: {})",
