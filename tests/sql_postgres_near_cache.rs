@@ -197,6 +197,21 @@ async fn own_writes_are_read_back_at_once_and_expiry_is_kept() {
     assert_eq!(store.near_cache_stats().unwrap().hits, hits);
 }
 
+/// A table whose row `k` (`{"v": 1}`) a near-cached store on it serves
+/// from its cache, and a connection of another client.
+async fn cached_row() -> (TestTable, Arc<dyn SessionStore>, Db) {
+    let table = TestTable::new(Kind::Postgres).await;
+    let store = table.store(NEAR).await;
+    let db = table.db().await;
+    let ttl = Duration::from_secs(600);
+    assert!(store
+        .create("k", &record(json!({"v": 1})), ttl)
+        .await
+        .unwrap());
+    load_until_cached(&store, "k").await;
+    (table, store, db)
+}
+
 /// The listening connections of `table`'s stores: their last statement
 /// (the trigger check, also the heartbeat) names the table. Other tests'
 /// listeners, on their own tables, are left alone.
@@ -215,16 +230,8 @@ async fn listening_pids(db: &Db, table: &TestTable) -> Vec<String> {
 /// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_listening_connection_never_serves_a_stale_entry() {
-    let table = TestTable::new(Kind::Postgres).await;
-    let store = table.store(NEAR).await;
-    let db = table.db().await;
+    let (table, store, db) = cached_row().await;
     let t = table.quoted();
-    let ttl = Duration::from_secs(600);
-    assert!(store
-        .create("k", &record(json!({"v": 1})), ttl)
-        .await
-        .unwrap());
-    load_until_cached(&store, "k").await;
     let before = listening_pids(&db, &table).await;
     assert!(!before.is_empty(), "no listening connection");
     for pid in &before {
@@ -257,16 +264,8 @@ async fn killed_listening_connection_never_serves_a_stale_entry() {
 /// heartbeat finds it and the cache is bypassed until the trigger is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disabled_trigger_turns_the_cache_off_until_it_is_back() {
-    let table = TestTable::new(Kind::Postgres).await;
-    let store = table.store(NEAR).await;
-    let db = table.db().await;
+    let (table, store, db) = cached_row().await;
     let t = table.quoted();
-    let ttl = Duration::from_secs(600);
-    assert!(store
-        .create("k", &record(json!({"v": 1})), ttl)
-        .await
-        .unwrap());
-    load_until_cached(&store, "k").await;
     db.execute(&format!("ALTER TABLE {t} DISABLE TRIGGER ALL"))
         .await;
     let deadline = Instant::now() + Duration::from_secs(5);
