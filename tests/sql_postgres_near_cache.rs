@@ -31,6 +31,9 @@ const NEAR: &str = "near_cache: {enabled: true, max_entries: 1000}";
 
 async fn fixture() -> StoreFixture {
     let table = TestTable::new(Kind::Postgres).await;
+    // The table and its triggers exist before any gateway starts (see
+    // `sql_server::fixture`).
+    drop(table.store(NEAR).await);
     StoreFixture::new(table.store_yaml(NEAR), table)
 }
 
