@@ -175,15 +175,18 @@ pub struct Near<N: Notifier> {
 }
 
 impl<N: Notifier> Near<N> {
-    /// `notifier` must apply its notifications to `cache` and report to
-    /// `status` (see [`Notifier::round`]).
+    /// A cache of `max_entries`; `notifier` is given the cache and the
+    /// status it must apply its notifications to and report to (see
+    /// [`Notifier::round`]).
     pub fn new(
-        cache: Arc<NearCache>,
-        status: Arc<Status>,
-        notifier: N,
+        max_entries: NonZeroUsize,
+        notifier: impl FnOnce(Arc<NearCache>, Arc<Status>) -> N,
         first_round_wait: Duration,
         check_wait: Duration,
     ) -> Self {
+        let cache = Arc::new(NearCache::new(max_entries));
+        let status = Arc::new(Status::default());
+        let notifier = notifier(cache.clone(), status.clone());
         let (stop, stopped) = oneshot::channel();
         Near {
             cache,

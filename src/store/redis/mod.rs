@@ -28,7 +28,7 @@ mod cluster;
 mod tracking;
 
 use super::cas::{Cas, CasOps};
-use super::near::{self, Near, NearCache, RawNearCache};
+use super::near::{self, Near, RawNearCache};
 use super::{StoreContext, StoreSpec};
 use crate::session::{Loaded, NearCacheStats, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use crate::yaml::{deserialize_at, ConfigError};
@@ -446,17 +446,15 @@ impl RedisStore {
             }
         };
         let near = config.near_cache.map(|max_entries| {
-            let cache = Arc::new(NearCache::new(max_entries));
-            let status = Arc::new(near::Status::default());
-            let tracker = tracking::Tracker {
-                cache: cache.clone(),
+            let tracker = |cache, status| tracking::Tracker {
+                cache,
                 nodes,
                 tls: config.tls.clone(),
                 prefix: config.key_prefix.clone(),
-                status: status.clone(),
+                status,
             };
             let check_wait = CONNECT_TIMEOUT + near::HEARTBEAT_TIMEOUT;
-            Near::new(cache, status, tracker, config.first_round_wait, check_wait)
+            Near::new(max_entries, tracker, config.first_round_wait, check_wait)
         });
         Ok(RedisStore {
             conn,

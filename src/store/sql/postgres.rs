@@ -39,13 +39,12 @@ use super::{
 use crate::session::{
     Loaded, NearCacheStats, SessionStore, Step, StoreError, UpdateFn, UpdateOutcome,
 };
-use crate::store::near::{self, Near, NearCache};
+use crate::store::near::Near;
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub(super) fn options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
@@ -164,18 +163,17 @@ impl PgStore {
             .log_statements(tracing_log::log::LevelFilter::Trace)
             .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
         let trigger = Trigger::new(&cfg.table);
+        let connect_timeout = cfg.acquire_timeout.max(Duration::from_secs(1));
         let near = cfg.near_cache.map(|max_entries| {
-            let cache = Arc::new(NearCache::new(max_entries));
-            let status = Arc::new(near::Status::default());
-            let listener = Listener {
-                cache: cache.clone(),
-                status: status.clone(),
+            let listener = |cache, status| Listener {
+                cache,
+                status,
                 options: options.clone(),
                 trigger: trigger.clone(),
-                connect_timeout: cfg.acquire_timeout.max(Duration::from_secs(1)),
+                connect_timeout,
             };
-            let check_wait = cfg.acquire_timeout.max(Duration::from_secs(1)) * 2;
-            Near::new(cache, status, listener, cfg.first_round_wait, check_wait)
+            let check_wait = connect_timeout * 2;
+            Near::new(max_entries, listener, cfg.first_round_wait, check_wait)
         });
         let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
         let store = PgStore {
