@@ -33,14 +33,31 @@ const MARGIN: Duration = Duration::from_millis(400);
 const DB: &str = "session_gateway";
 const COLL: &str = "sessions";
 
+/// `store.timeout` of the suites: SecantusDB is a Python server sharing
+/// two cores with the gateway and the tests, and the suites run 50
+/// concurrent patches of one session (sealed: each compare-and-set
+/// re-encrypts), so give it room; the outage tests keep [`TIMEOUT`].
+const SUITE_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn store_yaml(url: &str) -> String {
+    store_yaml_with(url, TIMEOUT)
+}
+
+fn store_yaml_with(url: &str, timeout: Duration) -> String {
     format!(
         "{{type: mongodb, url: \"{url}\", timeout: {}ms}}",
-        TIMEOUT.as_millis()
+        timeout.as_millis()
     )
 }
 
+/// The suites' fixture: a private server, [`SUITE_TIMEOUT`].
 async fn fixture() -> StoreFixture {
+    let server = MongoServer::start();
+    StoreFixture::new(store_yaml_with(&server.url(), SUITE_TIMEOUT), server)
+}
+
+/// A private server that the test may stop or freeze, [`TIMEOUT`].
+async fn outage_fixture() -> StoreFixture {
     let server = MongoServer::start();
     StoreFixture::new(store_yaml(&server.url()), server)
 }
@@ -398,7 +415,7 @@ async fn answers_503_within_timeout(b: &Browser, n: usize, at_least: Duration) {
 /// the gateway carries on without a restart, and the sessions survived.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outage_answers_503_within_timeout_then_recovers() {
-    let mut s = setup(fixture().await, |b| b).await;
+    let mut s = setup(outage_fixture().await, |b| b).await;
     let b = Browser::new(&s.gw);
     b.patch("/", json!({"a": 1})).await;
     assert_eq!(b.get("/", &[]).await.session(), json!({"a": 1}));
@@ -435,7 +452,7 @@ async fn outage_answers_503_within_timeout_then_recovers() {
 /// requests beyond `store.timeout`; after SIGCONT the gateway carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_server_answers_503_within_timeout_then_recovers() {
-    let s = setup(fixture().await, |b| b).await;
+    let s = setup(outage_fixture().await, |b| b).await;
     let b = Browser::new(&s.gw);
     b.patch("/", json!({"a": 1})).await;
 
@@ -457,7 +474,7 @@ async fn gateway_started_before_the_server_connects_later() {
     // The gateway connects lazily, on the first request that needs the
     // store, so stopping the server right after start-up is the same as
     // starting the gateway while it is down.
-    let mut s = setup(fixture().await, |b| b).await;
+    let mut s = setup(outage_fixture().await, |b| b).await;
     server_mut(&mut s).stop();
     let b = Browser::new(&s.gw);
     let started = Instant::now();

@@ -98,11 +98,24 @@ impl GatewayBuilder {
         s
     }
 
-    /// Write the config and start the gateway; waits until it accepts
-    /// connections and panics with its log if it does not come up.
+    /// Write the config and start the gateway; waits until it listens and
+    /// panics with its log if it does not come up. A port taken between
+    /// [`super::free_port`] and the gateway's bind (another test's server,
+    /// an outgoing connection) is replaced by another, up to 5 times.
     pub fn start(&self) -> Gateway {
+        let mut last_log = String::new();
+        for _ in 0..5 {
+            match self.start_on(super::free_port()) {
+                Ok(gw) => return gw,
+                Err(log) => last_log = log,
+            }
+        }
+        panic!("gateway did not start on any of 5 free ports:\n{last_log}");
+    }
+
+    /// Start on `port`; `Err(log)` if the port was taken.
+    fn start_on(&self, port: u16) -> Result<Gateway, String> {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = super::free_port();
         let mut config = self.config.clone();
         let addr = format!("127.0.0.1:{port}");
         let listen = match &self.tls {
@@ -123,8 +136,7 @@ impl GatewayBuilder {
             child: None,
             builder: self.clone(),
         };
-        gw.spawn();
-        gw
+        gw.try_spawn(true).map(|()| gw)
     }
 }
 
@@ -141,7 +153,21 @@ impl Gateway {
         self.dir.path().join("gateway.log")
     }
 
+    /// Start the process again on `self.port` (a restart: the port is
+    /// this gateway's, so a bind that finds it in use is waited out, as
+    /// pingora does); panics if it does not come up.
     fn spawn(&mut self) {
+        if let Err(log) = self.try_spawn(false) {
+            panic!("gateway could not listen on port {}:\n{log}", self.port);
+        }
+    }
+
+    /// Start the process and wait until it listens on `self.port` itself
+    /// (not merely: something accepts there). With `give_up_if_taken`,
+    /// `Err(log)` as soon as the gateway finds the port in use; panics on
+    /// any other failure to come up.
+    fn try_spawn(&mut self, give_up_if_taken: bool) -> Result<(), String> {
+        let logged_before = self.log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -160,12 +186,26 @@ impl Gateway {
             .expect("start session-gateway");
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(20);
+        let pid = self.child.as_ref().unwrap().id();
         loop {
-            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+            if listens(pid, self.port) {
+                return Ok(());
             }
             if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("gateway exited with {status} at start:\n{}", self.log());
+            }
+            // pingora retries a bind to a port in use for 30 s, saying so.
+            let log = self.log();
+            if give_up_if_taken
+                && log
+                    .get(logged_before..)
+                    .unwrap_or("")
+                    .contains("is in use, will try again")
+            {
+                let mut child = self.child.take().unwrap();
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(log);
             }
             if Instant::now() > deadline {
                 panic!("gateway did not listen within 20s:\n{}", self.log());
@@ -251,6 +291,44 @@ impl Gateway {
     pub fn builder(&self) -> &GatewayBuilder {
         &self.builder
     }
+}
+
+/// Does process `pid` hold a socket listening on TCP `port`? Read from
+/// `/proc`: a connect that succeeds proves nothing, since another process
+/// may have taken the port, or a connect to a port nobody listens on can
+/// connect to itself (TCP simultaneous open, when the kernel picks the
+/// same port as the local one).
+fn listens(pid: u32, port: u16) -> bool {
+    let mut inodes = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sl local_address rem_address st ... inode (column 9)
+            let (Some(local), Some(state), Some(inode)) = (cols.get(1), cols.get(3), cols.get(9))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit_once(':')
+                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+            if *state == "0A" && local_port == Some(port) {
+                inodes.push(format!("socket:[{inode}]"));
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 impl Drop for Gateway {
