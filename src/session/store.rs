@@ -19,7 +19,7 @@ use bytes::Bytes;
 use std::time::{Duration, SystemTime};
 
 /// A store-neutral error; each backend converts its own errors into this.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
     /// The store could not be reached or did not answer in time. The proxy
     /// applies `session.on_store_error` to these.

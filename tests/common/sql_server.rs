@@ -698,6 +698,41 @@ pub async fn schema_qualified_table_works(kind: Kind) {
     db.close().await;
 }
 
+/// Loads issued together each get their own answer: live rows, expired
+/// rows, missing keys, a key asked twice, an id that needs quoting.
+/// PostgreSQL and MySQL read them in batches (`id = ANY(...)`,
+/// `id IN (...)`): on a current-thread runtime every load is queued before
+/// the store's reader runs, so the first batch holds all 42 (MySQL pads it
+/// to 64 places).
+pub async fn loads_issued_together_each_get_their_own_row(kind: Kind) {
+    let table = TestTable::new(kind).await;
+    let store = table.store("").await;
+    let db = table.db().await;
+    let value = |k: &str| bytes::Bytes::from(format!(r#"{{"p":true,"d":{{"k":"{k}"}}}}"#));
+    let mut live: Vec<String> = (0..30).map(|i| format!("live:{i}")).collect();
+    live.push(r#"it's "odd", \ too"#.to_string());
+    for k in &live {
+        assert!(store
+            .create(k, &value(k), Duration::from_secs(600))
+            .await
+            .unwrap());
+    }
+    table.insert_rows(&db, "expired", 5, -1).await;
+    let mut keys = live.clone();
+    keys.extend((0..5).map(|i| format!("expired:{i}")));
+    keys.extend((0..5).map(|i| format!("missing:{i}")));
+    keys.push("live:3".to_string());
+    for round in 0..3 {
+        let answers = futures::future::join_all(keys.iter().map(|k| store.load(k))).await;
+        for (k, got) in keys.iter().zip(answers) {
+            let got = got.unwrap().map(|l| l.value);
+            let want = live.contains(k);
+            assert_eq!(got, want.then(|| value(k)), "round {round}, key {k}");
+        }
+    }
+    db.close().await;
+}
+
 /// Every SQL-specific case for one dialect, plus the shared suites.
 #[macro_export]
 macro_rules! sql_suite {
@@ -730,6 +765,15 @@ macro_rules! sql_suite {
                         .await;
                 }
             )*
+
+            // Current-thread: see the function.
+            #[tokio::test]
+            async fn loads_issued_together_each_get_their_own_row() {
+                $crate::common::sql_server::loads_issued_together_each_get_their_own_row(
+                    $crate::common::sql_server::Kind::$kind,
+                )
+                .await;
+            }
         }
     };
 }

@@ -15,6 +15,7 @@
 //! - `update` is a transaction holding a row lock across read-modify-write;
 //! - `purge_expired` deletes in bounded batches.
 
+mod batch;
 mod listen;
 pub use listen::APPLICATION_NAME as LISTEN_APPLICATION_NAME;
 mod mysql;

@@ -28,6 +28,7 @@
 //!   `cleanup`) take a named lock (`GET_LOCK`) without waiting: one
 //!   purges, the others skip that round.
 
+use super::batch::{Batcher, MAX_BATCH};
 use super::pool::{pooled, Pool};
 use super::{
     classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
@@ -40,6 +41,7 @@ use sqlx::error::ErrorKind;
 use sqlx::mysql::{MySqlConnectOptions, MySqlConnection};
 use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 pub(super) fn options(url: &str) -> Result<MySqlConnectOptions, sqlx::Error> {
@@ -88,6 +90,9 @@ fn ts() -> String {
 /// The statements, built once from the validated table name.
 struct Sql {
     load: String,
+    /// `load_many[i]`: the batch read of `2 << i` keys (a batch is padded
+    /// to the next power of two, so a handful of statements are prepared).
+    load_many: Vec<String>,
     delete_expired: String,
     insert: String,
     lock: String,
@@ -108,6 +113,15 @@ impl Sql {
                 "SELECT data, TIMESTAMPDIFF(MICROSECOND, {EPOCH}, expires) AS expires_us \
                  FROM {t} WHERE id = ? AND expires > {ts}"
             ),
+            load_many: (1..=MAX_BATCH.trailing_zeros())
+                .map(|bits| {
+                    let marks = vec!["?"; 1 << bits].join(", ");
+                    format!(
+                        "SELECT id, data, TIMESTAMPDIFF(MICROSECOND, {EPOCH}, expires) AS expires_us \
+                         FROM {t} WHERE id IN ({marks}) AND expires > {ts}"
+                    )
+                })
+                .collect(),
             delete_expired: format!("DELETE FROM {t} WHERE id = ? AND expires <= {ts}"),
             insert: format!("INSERT INTO {t} (id, data, expires) VALUES (?, ?, {ts})"),
             lock: format!("SELECT data FROM {t} WHERE id = ? AND expires > {ts} FOR UPDATE"),
@@ -135,9 +149,11 @@ impl Sql {
 }
 
 pub(super) struct MySqlStore {
-    pool: Pool<MySqlConnection>,
+    pool: Arc<Pool<MySqlConnection>>,
     table: TableName,
-    sql: Sql,
+    sql: Arc<Sql>,
+    /// Every read goes through here ([`super::batch`]).
+    reads: Batcher,
     /// Name of the server-wide lock purgers of this table take.
     purge_lock: String,
 }
@@ -152,6 +168,51 @@ fn purge_lock_name(database: Option<&str>, table: &TableName) -> String {
     format!("session-gateway-purge-{hash:016x}")
 }
 
+/// The live rows of `keys` (one key: the single-row statement; more: the
+/// batch statement for the next power of two, the first key repeated in
+/// the places left over).
+async fn fetch(
+    pool: Arc<Pool<MySqlConnection>>,
+    sql: Arc<Sql>,
+    keys: Vec<String>,
+) -> Result<Vec<(String, Loaded)>, StoreError> {
+    let now = now_micros();
+    if let [key] = &keys[..] {
+        let row = pooled!(pool, |c| sqlx::query(&sql.load)
+            .bind(key)
+            .bind(now)
+            .fetch_optional(c))
+        .map_err(err)?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let data: Vec<u8> = row.try_get(0).map_err(err)?;
+        let expires_us: i64 = row.try_get(1).map_err(err)?;
+        return Ok(vec![(key.clone(), loaded(data, expires_us))]);
+    }
+    let places = keys.len().next_power_of_two();
+    let statement = &sql.load_many[places.trailing_zeros() as usize - 1];
+    let rows = pooled!(pool, |c| {
+        let mut q = sqlx::query(statement);
+        for i in 0..places {
+            q = q.bind(keys.get(i).unwrap_or(&keys[0]));
+        }
+        q.bind(now).fetch_all(c)
+    })
+    .map_err(err)?;
+    rows.into_iter()
+        .map(|row| {
+            // `utf8mb4_bin` reads as binary.
+            let id: Vec<u8> = row.try_get(0)?;
+            let id = String::from_utf8_lossy(&id).into_owned();
+            let data: Vec<u8> = row.try_get(1)?;
+            let expires_us: i64 = row.try_get(2)?;
+            Ok((id, loaded(data, expires_us)))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(err)
+}
+
 impl MySqlStore {
     pub(super) async fn connect(cfg: &SqlConfig) -> Result<MySqlStore, StoreError> {
         let options = options(&cfg.url)
@@ -159,11 +220,17 @@ impl MySqlStore {
             .log_statements(tracing_log::log::LevelFilter::Trace)
             .log_slow_statements(tracing_log::log::LevelFilter::Warn, Duration::from_secs(1));
         let purge_lock = purge_lock_name(options.get_database(), &cfg.table);
-        let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
+        let pool = Arc::new(Pool::new(options, cfg.max_connections, cfg.acquire_timeout));
+        let sql = Arc::new(Sql::new(&cfg.table));
+        let reads = {
+            let (pool, sql) = (pool.clone(), sql.clone());
+            Batcher::start(move |keys| fetch(pool.clone(), sql.clone(), keys))
+        };
         let store = MySqlStore {
             pool,
             table: cfg.table.clone(),
-            sql: Sql::new(&cfg.table),
+            sql,
+            reads,
             purge_lock,
         };
         store.pool.open_one().await.map_err(err)?;
@@ -248,15 +315,7 @@ impl MySqlStore {
 #[async_trait]
 impl SessionStore for MySqlStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
-            .bind(key)
-            .bind(now_micros())
-            .fetch_optional(c))
-        .map_err(err)?;
-        let Some(row) = row else { return Ok(None) };
-        let data: Vec<u8> = row.try_get(0).map_err(err)?;
-        let expires_us: i64 = row.try_get(1).map_err(err)?;
-        Ok(Some(loaded(data, expires_us)))
+        self.reads.load(key).await
     }
 
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {

@@ -30,6 +30,7 @@
 //!   through this store also drops its key from the copy before returning,
 //!   so this process reads its own writes.
 
+use super::batch::Batcher;
 use super::listen::{Listener, Trigger};
 use super::pool::{pooled, Pool};
 use super::{
@@ -45,6 +46,7 @@ use bytes::Bytes;
 use sqlx::postgres::{PgConnectOptions, PgConnection};
 use sqlx::{ConnectOptions, Connection, Row};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 pub(super) fn options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
@@ -79,6 +81,7 @@ const EXPIRES_MICROS: &str = "(EXTRACT(EPOCH FROM expires) * 1000000)::int8";
 /// The statements, built once from the validated table name.
 struct Sql {
     load: String,
+    load_many: String,
     create: String,
     lock: String,
     write: String,
@@ -97,6 +100,11 @@ impl Sql {
         Sql {
             load: format!(
                 "SELECT data, {EXPIRES_MICROS} AS expires_us FROM {t} WHERE id = $1 AND expires > {}",
+                ts(2)
+            ),
+            load_many: format!(
+                "SELECT id, data, {EXPIRES_MICROS} AS expires_us FROM {t} \
+                 WHERE id = ANY($1) AND expires > {}",
                 ts(2)
             ),
             create: format!(
@@ -150,10 +158,48 @@ impl Sql {
 }
 
 pub(super) struct PgStore {
-    pool: Pool<PgConnection>,
+    pool: Arc<Pool<PgConnection>>,
     table: TableName,
-    sql: Sql,
+    sql: Arc<Sql>,
     near: Option<Near<Listener>>,
+    /// Every read of the database goes through here ([`super::batch`]).
+    reads: Batcher,
+}
+
+/// The live rows of `keys` (one key: the single-row statement).
+async fn fetch(
+    pool: Arc<Pool<PgConnection>>,
+    sql: Arc<Sql>,
+    keys: Vec<String>,
+) -> Result<Vec<(String, Loaded)>, StoreError> {
+    let now = now_micros();
+    if let [key] = &keys[..] {
+        let row = pooled!(pool, |c| sqlx::query(&sql.load)
+            .bind(key)
+            .bind(now)
+            .fetch_optional(c))
+        .map_err(err)?;
+        let Some(row) = row else {
+            return Ok(Vec::new());
+        };
+        let data: Vec<u8> = row.try_get(0).map_err(err)?;
+        let expires_us: i64 = row.try_get(1).map_err(err)?;
+        return Ok(vec![(key.clone(), loaded(data, expires_us))]);
+    }
+    let rows = pooled!(pool, |c| sqlx::query(&sql.load_many)
+        .bind(&keys)
+        .bind(now)
+        .fetch_all(c))
+    .map_err(err)?;
+    rows.into_iter()
+        .map(|row| {
+            let id: String = row.try_get(0)?;
+            let data: Vec<u8> = row.try_get(1)?;
+            let expires_us: i64 = row.try_get(2)?;
+            Ok((id, loaded(data, expires_us)))
+        })
+        .collect::<Result<_, sqlx::Error>>()
+        .map_err(err)
 }
 
 impl PgStore {
@@ -175,12 +221,18 @@ impl PgStore {
             let check_wait = connect_timeout * 2;
             Near::new(max_entries, listener, cfg.first_round_wait, check_wait)
         });
-        let pool = Pool::new(options, cfg.max_connections, cfg.acquire_timeout);
+        let pool = Arc::new(Pool::new(options, cfg.max_connections, cfg.acquire_timeout));
+        let sql = Arc::new(Sql::new(&cfg.table));
+        let reads = {
+            let (pool, sql) = (pool.clone(), sql.clone());
+            Batcher::start(move |keys| fetch(pool.clone(), sql.clone(), keys))
+        };
         let store = PgStore {
             pool,
             table: cfg.table.clone(),
-            sql: Sql::new(&cfg.table),
+            sql,
             near,
+            reads,
         };
         // Establish a connection now: a bad URL or a dead server fails this
         // call, which the store handle does not cache.
@@ -217,17 +269,9 @@ impl PgStore {
         .await
     }
 
-    /// The live row of `key` from the database.
+    /// The live row of `key` from the database, read in the next batch.
     async fn fetch(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
-        let row = pooled!(self.pool, |c| sqlx::query(&self.sql.load)
-            .bind(key)
-            .bind(now_micros())
-            .fetch_optional(c))
-        .map_err(err)?;
-        let Some(row) = row else { return Ok(None) };
-        let data: Vec<u8> = row.try_get(0).map_err(err)?;
-        let expires_us: i64 = row.try_get(1).map_err(err)?;
-        Ok(Some(loaded(data, expires_us)))
+        self.reads.load(key).await
     }
 
     /// Drop `key` from the near cache after this process changed it.
