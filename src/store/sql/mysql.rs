@@ -17,7 +17,11 @@
 //!   from `1970-01-01` with `TIMESTAMPADD`/`TIMESTAMPDIFF`, which involve
 //!   no session time zone (unlike `FROM_UNIXTIME` or `TIMESTAMP` columns).
 //! - `update`: `SELECT ... FOR UPDATE` in a transaction (the locking read
-//!   sees the latest committed row and holds it until commit).
+//!   sees the latest committed row and holds it until commit). When the
+//!   request already loaded the row (`update_seen`), one conditional
+//!   `UPDATE`/`DELETE ... WHERE id = ? AND expires > now AND data = <the
+//!   loaded bytes>` comes first; the transaction runs only if it matched
+//!   nothing.
 //! - `create`: `DELETE` the row if it expired, then a plain `INSERT`; a
 //!   duplicate key means a live row exists. (`INSERT ... ON DUPLICATE KEY
 //!   UPDATE` cannot report "kept the live row": sqlx connects with
@@ -34,7 +38,7 @@ use super::{
     classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
     SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
 };
-use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
+use crate::session::{Loaded, SessionStore, Step, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::error::ErrorKind;
@@ -98,6 +102,8 @@ struct Sql {
     lock: String,
     write: String,
     delete: String,
+    write_if: String,
+    delete_if: String,
     touch: String,
     purge: String,
     probe: String,
@@ -127,6 +133,12 @@ impl Sql {
             lock: format!("SELECT data FROM {t} WHERE id = ? AND expires > {ts} FOR UPDATE"),
             write: format!("UPDATE {t} SET data = ?, expires = {ts} WHERE id = ?"),
             delete: format!("DELETE FROM {t} WHERE id = ?"),
+            // `data = ?` compares the BLOB bytewise; a single-statement
+            // UPDATE/DELETE reads the latest committed row under its lock.
+            write_if: format!(
+                "UPDATE {t} SET data = ?, expires = {ts} WHERE id = ? AND expires > {ts} AND data = ?"
+            ),
+            delete_if: format!("DELETE FROM {t} WHERE id = ? AND expires > {ts} AND data = ?"),
             // Rows "affected" count matched rows (CLIENT_FOUND_ROWS), so a
             // touch that happens to write the same value still reports 1.
             touch: format!("UPDATE {t} SET expires = {ts} WHERE id = ? AND expires > {ts}"),
@@ -312,6 +324,46 @@ impl MySqlStore {
     }
 }
 
+impl MySqlStore {
+    /// Apply `f` to `seen` and write (or delete) only if the row still
+    /// holds exactly `seen` and is live, in one statement (rows "affected"
+    /// count matched rows: `CLIENT_FOUND_ROWS`). `None`: it changed or
+    /// vanished, or `f` did not decide to write or delete (a refusal is
+    /// decided on the current row, by the transaction).
+    async fn update_if_unchanged(
+        &self,
+        key: &str,
+        ttl: Duration,
+        seen: &Bytes,
+        f: &UpdateFn<'_>,
+    ) -> Result<Option<UpdateOutcome>, StoreError> {
+        let (now, expires) = now_and_expiry(ttl);
+        Ok(match crate::session::decide(Some(seen), f) {
+            Ok(Step::Write(value)) => {
+                let done = pooled!(self.pool, |c| sqlx::query(&self.sql.write_if)
+                    .bind(&value[..])
+                    .bind(expires)
+                    .bind(key)
+                    .bind(now)
+                    .bind(&seen[..])
+                    .execute(c))
+                .map_err(err)?;
+                (done.rows_affected() == 1).then_some(UpdateOutcome::Written(value))
+            }
+            Ok(Step::Delete) => {
+                let done = pooled!(self.pool, |c| sqlx::query(&self.sql.delete_if)
+                    .bind(key)
+                    .bind(now)
+                    .bind(&seen[..])
+                    .execute(c))
+                .map_err(err)?;
+                (done.rows_affected() == 1).then_some(UpdateOutcome::Deleted)
+            }
+            _ => None,
+        })
+    }
+}
+
 #[async_trait]
 impl SessionStore for MySqlStore {
     async fn load(&self, key: &str) -> Result<Option<Loaded>, StoreError> {
@@ -355,6 +407,19 @@ impl SessionStore for MySqlStore {
                 }
                 Err(e) => return Err(err(e)),
             }
+        }
+    }
+
+    async fn update_seen(
+        &self,
+        key: &str,
+        ttl: Duration,
+        seen: &Bytes,
+        f: &UpdateFn<'_>,
+    ) -> Result<UpdateOutcome, StoreError> {
+        match self.update_if_unchanged(key, ttl, seen, f).await? {
+            Some(outcome) => Ok(outcome),
+            None => self.update(key, ttl, f).await,
         }
     }
 
