@@ -50,16 +50,20 @@ fn store_yaml_with(url: &str, timeout: Duration) -> String {
     )
 }
 
-/// The suites' fixture: a private server, [`SUITE_TIMEOUT`].
-async fn fixture() -> StoreFixture {
+/// A private server (that the test may stop or freeze) and `timeout`.
+fn fixture_with(timeout: Duration) -> StoreFixture {
     let server = MongoServer::start();
-    StoreFixture::new(store_yaml_with(&server.url(), SUITE_TIMEOUT), server)
+    StoreFixture::new(store_yaml_with(&server.url(), timeout), server)
 }
 
-/// A private server that the test may stop or freeze, [`TIMEOUT`].
+/// The suites' fixture: [`SUITE_TIMEOUT`].
+async fn fixture() -> StoreFixture {
+    fixture_with(SUITE_TIMEOUT)
+}
+
+/// The outage tests' fixture: [`TIMEOUT`].
 async fn outage_fixture() -> StoreFixture {
-    let server = MongoServer::start();
-    StoreFixture::new(store_yaml(&server.url()), server)
+    fixture_with(TIMEOUT)
 }
 
 store_suites!(fixture);

@@ -167,7 +167,6 @@ impl Gateway {
     /// `Err(log)` as soon as the gateway finds the port in use; panics on
     /// any other failure to come up.
     fn try_spawn(&mut self, give_up_if_taken: bool) -> Result<(), String> {
-        let logged_before = self.log().len();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -195,17 +194,12 @@ impl Gateway {
                 panic!("gateway exited with {status} at start:\n{}", self.log());
             }
             // pingora retries a bind to a port in use for 30 s, saying so.
-            let log = self.log();
-            if give_up_if_taken
-                && log
-                    .get(logged_before..)
-                    .unwrap_or("")
-                    .contains("is in use, will try again")
-            {
+            // (Only a first start gives up, and its log is new.)
+            if give_up_if_taken && self.log().contains("is in use, will try again") {
                 let mut child = self.child.take().unwrap();
                 let _ = child.kill();
                 let _ = child.wait();
-                return Err(log);
+                return Err(self.log());
             }
             if Instant::now() > deadline {
                 panic!("gateway did not listen within 20s:\n{}", self.log());

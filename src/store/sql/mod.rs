@@ -386,12 +386,20 @@ fn now_micros() -> i64 {
     micros(SystemTime::now())
 }
 
-/// A loaded row.
-fn loaded(data: Vec<u8>, expires_us: i64) -> Loaded {
-    Loaded {
+/// The session in `row`: its `data` at column `at`, `expires_us` at the
+/// next one (every dialect's load statements select them so).
+fn loaded<R: sqlx::Row>(row: &R, at: usize) -> Result<Loaded, sqlx::Error>
+where
+    usize: sqlx::ColumnIndex<R>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    let data: Vec<u8> = row.try_get(at)?;
+    let expires_us: i64 = row.try_get(at + 1)?;
+    Ok(Loaded {
         value: Bytes::from(data),
         expires_at: from_micros(expires_us),
-    }
+    })
 }
 
 // ---------------------------------------------------------------- errors

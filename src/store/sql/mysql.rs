@@ -198,9 +198,7 @@ async fn fetch(
         let Some(row) = row else {
             return Ok(Vec::new());
         };
-        let data: Vec<u8> = row.try_get(0).map_err(err)?;
-        let expires_us: i64 = row.try_get(1).map_err(err)?;
-        return Ok(vec![(key.clone(), loaded(data, expires_us))]);
+        return Ok(vec![(key.clone(), loaded(&row, 0).map_err(err)?)]);
     }
     let places = keys.len().next_power_of_two();
     let statement = &sql.load_many[places.trailing_zeros() as usize - 1];
@@ -217,9 +215,7 @@ async fn fetch(
             // `utf8mb4_bin` reads as binary.
             let id: Vec<u8> = row.try_get(0)?;
             let id = String::from_utf8_lossy(&id).into_owned();
-            let data: Vec<u8> = row.try_get(1)?;
-            let expires_us: i64 = row.try_get(2)?;
-            Ok((id, loaded(data, expires_us)))
+            Ok((id, loaded(&row, 1)?))
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(err)
@@ -322,9 +318,7 @@ impl MySqlStore {
         tx.commit().await?;
         Ok(Ok(outcome))
     }
-}
 
-impl MySqlStore {
     /// Apply `f` to `seen` and write (or delete) only if the row still
     /// holds exactly `seen` and is live, in one statement (rows "affected"
     /// count matched rows: `CLIENT_FOUND_ROWS`). `None`: it changed or

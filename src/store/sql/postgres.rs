@@ -182,9 +182,7 @@ async fn fetch(
         let Some(row) = row else {
             return Ok(Vec::new());
         };
-        let data: Vec<u8> = row.try_get(0).map_err(err)?;
-        let expires_us: i64 = row.try_get(1).map_err(err)?;
-        return Ok(vec![(key.clone(), loaded(data, expires_us))]);
+        return Ok(vec![(key.clone(), loaded(&row, 0).map_err(err)?)]);
     }
     let rows = pooled!(pool, |c| sqlx::query(&sql.load_many)
         .bind(&keys)
@@ -194,9 +192,7 @@ async fn fetch(
     rows.into_iter()
         .map(|row| {
             let id: String = row.try_get(0)?;
-            let data: Vec<u8> = row.try_get(1)?;
-            let expires_us: i64 = row.try_get(2)?;
-            Ok((id, loaded(data, expires_us)))
+            Ok((id, loaded(&row, 1)?))
         })
         .collect::<Result<_, sqlx::Error>>()
         .map_err(err)

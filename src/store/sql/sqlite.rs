@@ -228,10 +228,7 @@ impl SessionStore for SqliteStore {
             .bind(now_micros())
             .fetch_optional(c))
         .map_err(err)?;
-        let Some(row) = row else { return Ok(None) };
-        let data: Vec<u8> = row.try_get(0).map_err(err)?;
-        let expires_us: i64 = row.try_get(1).map_err(err)?;
-        Ok(Some(loaded(data, expires_us)))
+        row.map(|row| loaded(&row, 0)).transpose().map_err(err)
     }
 
     async fn create(&self, key: &str, value: &Bytes, ttl: Duration) -> Result<bool, StoreError> {
