@@ -213,6 +213,31 @@ pub struct ConnPlan {
     pub interval: Option<Duration>,
     /// When the first paced request goes out (spreads the connections).
     pub start_offset: Duration,
+    /// Send only in this gate's time slices (`--alternate`).
+    pub gate: Option<Gate>,
+}
+
+/// Time cut into slices of `slice` from `anchor`; a gate of `phase` 0 is
+/// open in the even slices, of phase 1 in the odd ones. Two gateways, one
+/// per phase, thus take turns under the same load.
+#[derive(Clone, Copy, Debug)]
+pub struct Gate {
+    pub anchor: Instant,
+    pub slice: Duration,
+    pub phase: u32,
+}
+
+impl Gate {
+    /// None while the gate is open at `now`; otherwise when it next opens.
+    pub fn next_open(&self, now: Instant) -> Option<Instant> {
+        let slice = self.slice.as_nanos().max(1);
+        let k = now.saturating_duration_since(self.anchor).as_nanos() / slice;
+        if k % 2 == u128::from(self.phase) {
+            None
+        } else {
+            Some(self.anchor + Duration::from_nanos(((k + 1) * slice) as u64))
+        }
+    }
 }
 
 /// The result of one connection (merged over connections by the caller).
@@ -266,6 +291,12 @@ pub async fn drive(addr: SocketAddr, plan: ConnPlan, start: Instant, end: Instan
             // Behind schedule (the gateway cannot keep up): go on without
             // bunching up the missed sends.
             *at = (*at + interval).max(Instant::now());
+        }
+        if let Some(at) = plan.gate.and_then(|g| g.next_open(Instant::now())) {
+            if at >= end {
+                break;
+            }
+            tokio::time::sleep_until(at).await;
         }
         let c = match conn.as_mut() {
             Some(c) => c,

@@ -9,6 +9,7 @@
 //! under load for D and samples its RSS and p99. `-- --help` lists the
 //! options.
 
+mod alternate;
 mod client;
 mod hist;
 mod options;
@@ -234,6 +235,7 @@ fn plans(sc: &Scenario, addr: SocketAddr, cookies: &[Vec<String>]) -> Vec<ConnPl
                     write_ratio: 0.0,
                     interval: None,
                     start_offset,
+                    gate: None,
                 }
             } else {
                 ConnPlan {
@@ -248,6 +250,7 @@ fn plans(sc: &Scenario, addr: SocketAddr, cookies: &[Vec<String>]) -> Vec<ConnPl
                     write_ratio: sc.write_ratio,
                     interval,
                     start_offset,
+                    gate: None,
                 }
             }
         })
@@ -414,8 +417,39 @@ async fn run_one(
         rps_ratio: None,
         cpu_ratio: None,
         rps_rounds: Vec::new(),
+        round: 0,
+        ratio_rounds: Vec::new(),
         p99_delta_us: None,
     })
+}
+
+/// `--alternate A,B`: both stores must start; then the turns, the
+/// targets and the results file.
+async fn alternate_run(
+    cx: &Ctx<'_>,
+    envs: Vec<StoreEnv>,
+    skipped: &[(String, String)],
+    machine: &report::Machine,
+    started: u64,
+) -> i32 {
+    let o = cx.o;
+    if let Some((name, e)) = skipped.first() {
+        eprintln!("error: --alternate needs both stores; {name} did not start: {e}");
+        clean_up(envs).await;
+        return 1;
+    }
+    println!("{}", alternate::describe(o));
+    let (turns, failures) = alternate::run(cx, &envs[0], &envs[1]).await;
+    clean_up(envs).await;
+    println!();
+    let targets = alternate::targets(&turns, o);
+    report::print_targets(&targets);
+    let json = alternate::to_json(machine, o, started, &turns, &failures, &targets);
+    match report::write_json(o, "alternate", started, &json) {
+        Ok(paths) => println!("\nresults: {paths}"),
+        Err(e) => eprintln!("error: writing results: {e}"),
+    }
+    i32::from(!failures.is_empty())
 }
 
 fn main() {
@@ -428,6 +462,13 @@ fn main() {
     };
     if let Some(path) = &options.gateway {
         procs::set_gateway_binary(path.display().to_string());
+    }
+    // Before the runtime's threads exist: they inherit this thread's CPUs.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if options.pin && options.compare.is_none() && cpus >= 2 {
+        if let Err(e) = procs::pin(cpus - 1, cpus) {
+            eprintln!("warning: not pinned ({e}); the gateway shares CPUs with the load");
+        }
     }
     if let Some((old, new)) = &options.compare {
         std::process::exit(match report::compare(old, new) {
@@ -521,7 +562,7 @@ async fn matrix(cx: &Ctx<'_>, envs: &[StoreEnv]) -> (Vec<Outcome>, Vec<(String, 
     let mut failures: Vec<(String, String, String)> = Vec::new();
     let mut seq = 0;
     let mut rate: Option<f64> = None;
-    for _round in 0..o.rounds {
+    for round in 0..o.rounds {
         for mut sc in scenarios(o) {
             if sc.rate == Some(0.0) {
                 sc.rate = Some(*rate.get_or_insert_with(|| paced_rate(&outcomes)));
@@ -532,7 +573,8 @@ async fn matrix(cx: &Ctx<'_>, envs: &[StoreEnv]) -> (Vec<Outcome>, Vec<(String, 
                 }
                 seq += 1;
                 match run_one(cx, env, &sc, seq).await {
-                    Ok(out) => {
+                    Ok(mut out) => {
+                        out.round = round;
                         println!("{}", report::progress_line(&out));
                         outcomes.push(out);
                     }
@@ -595,13 +637,18 @@ async fn run(o: Options) -> i32 {
         return 0;
     }
 
+    if o.alternate {
+        return alternate_run(&cx, envs, &skipped, &machine, started).await;
+    }
+
     let (outcomes, failures) = matrix(&cx, &envs).await;
+    let rounds = outcomes.clone();
     let mut outcomes = report::median_of_rounds(outcomes);
     clean_up(envs).await;
 
-    report::relate_to_baseline(&mut outcomes);
+    report::relate_to_baseline(&mut outcomes, &rounds);
     let pure_ns = work::read_work_ns(1024);
-    let targets = report::targets(&outcomes, pure_ns, &o);
+    let targets = report::targets(&outcomes, &rounds, pure_ns, &o);
     println!();
     report::print_table(&outcomes, &o);
     println!();

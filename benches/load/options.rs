@@ -33,6 +33,12 @@ pub struct Options {
     pub soak: Option<Duration>,
     pub soak_stores: Vec<String>,
     pub soak_max_requests: u64,
+    /// `--alternate A,B`: only A and B, taking turns every `slice`; then
+    /// `stores` is `[A, B]`.
+    pub alternate: bool,
+    pub slice: Duration,
+    /// Gateway on a CPU of its own, everything else on the others.
+    pub pin: bool,
 }
 
 impl Default for Options {
@@ -58,6 +64,9 @@ impl Default for Options {
             compare: None,
             hold: None,
             rounds: 3,
+            alternate: false,
+            slice: Duration::from_millis(200),
+            pin: true,
             gateway: None,
             soak: None,
             soak_stores: list(&["memory", "redis"]),
@@ -196,6 +205,26 @@ struct Args {
     /// A soak also ends at the first sample after this many requests
     #[arg(long, default_value_t = 50_000_000, value_parser = clap::value_parser!(u64).range(1..))]
     soak_max_requests: u64,
+    /// Instead of the matrix, run two gateways at once, A and B, under one
+    /// load that switches between them every SLICE, for every scenario of
+    /// --scenarios they both run (not read-rate), ROUNDS times: each turn
+    /// reports B's req/s as a share of A's over the same seconds, which
+    /// cancels the machine's changes of speed that separate runs suffer
+    /// (A,A shows the noise left). E.g. --alternate baseline,memory or
+    /// memory,memory-sealed. Results: alternate-<time>.json
+    #[arg(long, value_delimiter = ',', num_args = 1, value_names = ["A,B"])]
+    alternate: Option<Vec<String>>,
+    /// Length of each gateway's turn with --alternate
+    #[arg(long, value_parser = parse_duration, default_value = "200ms")]
+    slice: Duration,
+    /// Let the kernel place the gateway and the load generator on any CPU.
+    /// By default (with 2 CPUs or more) the gateway runs on the last CPU
+    /// and the bench (load generator, app, store servers) on the others:
+    /// left to the scheduler, the two share a CPU part of the time, and on
+    /// a 2-CPU VM that made two runs of the same gateway differ by up to
+    /// 35% (an A/A pair: 84-119% unpinned, 95-104% pinned)
+    #[arg(long)]
+    no_pin: bool,
     /// Compare two result files and exit
     #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
     compare: Option<Vec<PathBuf>>,
@@ -297,7 +326,21 @@ impl Options {
             gateway: a.gateway,
             soak: a.soak,
             soak_max_requests: a.soak_max_requests,
+            alternate: a.alternate.is_some(),
+            slice: a.slice,
+            pin: !a.no_pin,
         };
+        if let Some(pair) = a.alternate.map(lower) {
+            if pair.len() != 2 {
+                return Err("--alternate takes two stores: A,B".into());
+            }
+            known("store", &pair, &crate::stores::ALL)?;
+            if o.slice < Duration::from_millis(10) {
+                return Err("--slice must be at least 10ms".into());
+            }
+            o.stores = pair;
+            return Ok(o);
+        }
         known("store", &o.stores, &crate::stores::ALL)?;
         if o.soak.is_some_and(|d| d < Duration::from_secs(1)) {
             return Err("--soak must be at least 1s".into());

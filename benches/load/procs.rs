@@ -27,6 +27,49 @@ pub fn set_gateway_binary(path: String) {
     let _ = GATEWAY.set(path);
 }
 
+/// The CPU the gateway runs on (`--pin`); None: wherever the kernel puts it.
+static GATEWAY_CPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+
+/// Pin the gateway to `cpu` and this process (load generator, app, and the
+/// store servers it starts) to every other CPU. Call before any thread or
+/// child is started: they inherit the calling thread's CPUs.
+pub fn pin(cpu: usize, cpus: usize) -> Result<(), String> {
+    let others: Vec<usize> = (0..cpus).filter(|&c| c != cpu).collect();
+    set_affinity(&others).map_err(|e| format!("sched_setaffinity: {e}"))?;
+    let _ = GATEWAY_CPU.set(cpu);
+    Ok(())
+}
+
+/// CPUs of the machine, as this process saw them before pinning itself to
+/// fewer.
+pub fn machine_cpus() -> usize {
+    GATEWAY_CPU.get().map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get()),
+        |&cpu| cpu + 1,
+    )
+}
+
+/// The gateway's CPU, if pinned.
+pub fn gateway_cpu() -> Option<usize> {
+    GATEWAY_CPU.get().copied()
+}
+
+/// Restrict the calling thread (and what it starts later) to `cpus`.
+fn set_affinity(cpus: &[usize]) -> std::io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set; CPU_SET and
+    // sched_setaffinity only touch it and this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &c in cpus {
+            libc::CPU_SET(c, &mut set);
+        }
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// A free loopback port (bound and released).
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -167,15 +210,19 @@ pub fn check_config(config: &Path, dir: &Path) -> Result<(), String> {
 /// `port`), working directory `dir`.
 pub fn start_gateway(config: &Path, dir: &Path, port: u16) -> Result<Proc, String> {
     let log = dir.join("gateway.log");
-    let mut child = spawn(
-        Command::new(gateway_binary())
-            .arg("-c")
-            .arg(config)
-            .current_dir(dir)
-            .env_remove("RUST_LOG"),
-        &log,
-    )
-    .map_err(|e| format!("cannot run {}: {e}", gateway_binary()))?;
+    let mut cmd = Command::new(gateway_binary());
+    cmd.arg("-c")
+        .arg(config)
+        .current_dir(dir)
+        .env_remove("RUST_LOG");
+    if let Some(cpu) = gateway_cpu() {
+        // SAFETY: sched_setaffinity is a system call, async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || set_affinity(&[cpu]));
+        }
+    }
+    let mut child =
+        spawn(&mut cmd, &log).map_err(|e| format!("cannot run {}: {e}", gateway_binary()))?;
     match wait_listening(&mut child, port, Duration::from_secs(20)) {
         Ok(()) => Ok(Proc { child, port, log }),
         Err(e) => {

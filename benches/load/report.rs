@@ -67,6 +67,15 @@ pub struct Outcome {
     /// req/s of every round (with `--rounds`); the outcome is the median.
     #[serde(default)]
     pub rps_rounds: Vec<f64>,
+    /// The round (0-based) this outcome was measured in; for a median, the
+    /// median round's.
+    #[serde(default)]
+    pub round: usize,
+    /// `rps_ratio` of every round: this round's req/s over the baseline's
+    /// of the same round (measured just before it). `rps_ratio` is their
+    /// median.
+    #[serde(default)]
+    pub ratio_rounds: Vec<f64>,
 }
 
 /// With several rounds, keep per (store, scenario) the round with the
@@ -112,7 +121,7 @@ impl Machine {
             .filter(|o| o.status.success())
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
         Machine {
-            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            cpus: crate::procs::machine_cpus(),
             cpu_model: crate::procstat::cpu_model(),
             kernel: crate::procstat::kernel(),
             loadavg: crate::procstat::loadavg(),
@@ -130,10 +139,17 @@ impl Machine {
                 o.rounds
             ),
         };
+        let placement = match crate::procs::gateway_cpu() {
+            Some(cpu) => format!(
+                "gateway pinned to CPU {cpu}, load generator + app + store servers to the others (--no-pin: anywhere)"
+            ),
+            None => "not pinned: the kernel places gateway and load generator".into(),
+        };
         format!(
             "session-gateway load bench ({})\n\
              machine: {} CPU(s), {}, Linux {}, load average {:.2} at start\n\
              gateway: {} ({} proxy thread(s)); load generator + app: {} thread(s) in this process\n\
+             {placement}\n\
              {timing}; {} virtual clients per connection",
             self.git.as_deref().unwrap_or("unknown commit"),
             self.cpus,
@@ -219,18 +235,75 @@ fn baseline_for<'a>(all: &'a [Outcome], r: &Outcome) -> Option<&'a Outcome> {
     base(&r.scenario).or_else(|| base("read").filter(|_| !r.new_visitors && r.write_ratio == 0.0))
 }
 
-pub fn relate_to_baseline(all: &mut [Outcome]) {
+/// The median of `values` (the mean of the middle two for an even count);
+/// None for none.
+pub fn median(mut values: Vec<f64>) -> Option<f64> {
+    values.retain(|v| v.is_finite());
+    values.sort_by(f64::total_cmp);
+    let n = values.len();
+    match n {
+        0 => None,
+        _ if n % 2 == 1 => Some(values[n / 2]),
+        _ => Some((values[n / 2 - 1] + values[n / 2]) / 2.0),
+    }
+}
+
+/// `f(a, b)` for every round in which both `a` and `b` (found among that
+/// round's outcomes) were measured, in round order.
+fn per_round(
+    rounds: &[Outcome],
+    a: impl Fn(&Outcome) -> bool,
+    b: impl Fn(&Outcome) -> bool,
+    f: impl Fn(&Outcome, &Outcome) -> Option<f64>,
+) -> Vec<f64> {
+    rounds
+        .iter()
+        .filter(|x| a(x))
+        .filter_map(|x| {
+            let y = rounds.iter().find(|y| y.round == x.round && b(y))?;
+            f(x, y)
+        })
+        .collect()
+}
+
+/// req/s of (`store`, `scenario`) over `of`'s in the same scenario, round
+/// by round: each pair was measured minutes apart at most (the stores of a
+/// scenario run one after the other in each round), so a change in the
+/// machine's speed between rounds, which moves req/s by tens of percent on
+/// a shared VM, cancels out of each ratio.
+pub fn paired_rps_ratios(rounds: &[Outcome], store: &str, of: &str, scenario: &str) -> Vec<f64> {
+    per_round(
+        rounds,
+        |x| x.store == store && x.scenario == scenario,
+        |y| y.store == of && y.scenario == scenario,
+        |x, y| (y.rps > 0.0).then(|| x.rps / y.rps),
+    )
+}
+
+/// Relate every (median) outcome to the baseline, from the outcomes of
+/// every round: `rps_ratio`, `cpu_ratio` and `p99_delta_us` are medians of
+/// the per-round comparisons with the baseline measured in the same round
+/// (see [`paired_rps_ratios`]), not comparisons of the medians.
+pub fn relate_to_baseline(all: &mut [Outcome], rounds: &[Outcome]) {
     let snapshot = all.to_vec();
     for r in all.iter_mut() {
-        if let Some(b) = baseline_for(&snapshot, r) {
-            if b.rps > 0.0 {
-                r.rps_ratio = Some(r.rps / b.rps);
-            }
-            r.p99_delta_us = Some(r.p99_us - b.p99_us);
-            if let (Some(mine), Some(base)) = (r.gateway_cpu_us_per_req, b.gateway_cpu_us_per_req) {
-                r.cpu_ratio = Some(base / mine);
-            }
-        }
+        let Some(b) = baseline_for(&snapshot, r) else {
+            continue;
+        };
+        let mine = |x: &Outcome| x.store == r.store && x.scenario == r.scenario;
+        let base = |y: &Outcome| {
+            y.store == b.store && y.scenario == b.scenario && y.connections == b.connections
+        };
+        r.ratio_rounds = per_round(rounds, mine, base, |x, y| {
+            (y.rps > 0.0).then(|| x.rps / y.rps)
+        });
+        r.rps_ratio = median(r.ratio_rounds.clone());
+        r.p99_delta_us = median(per_round(rounds, mine, base, |x, y| {
+            Some(x.p99_us - y.p99_us)
+        }));
+        r.cpu_ratio = median(per_round(rounds, mine, base, |x, y| {
+            Some(y.gateway_cpu_us_per_req? / x.gateway_cpu_us_per_req?)
+        }));
     }
 }
 
@@ -286,9 +359,23 @@ pub fn print_table(all: &[Outcome], o: &Options) {
         }
     }
     println!(
-        "ratio: req/s as a share of the baseline's (same gateway, sessions off, same run); cpu: the baseline's CPU per request over this one's; Δp99: p99 minus the baseline's p99 (ms); \
-         µs/req: gateway CPU per request; RSS: gateway peak (VmHWM); sess%: app requests that carried the session"
+        "ratio: req/s as a share of the baseline's (same gateway, sessions off), taken in each round against the baseline measured just before, median over rounds; \
+         cpu: the baseline's CPU per request over this one's; Δp99: p99 minus the baseline's p99 (ms) (both also per round, median); \
+         req/s, p50, p99, µs/req, RSS: the round with the median req/s; µs/req: gateway CPU per request; RSS: gateway peak (VmHWM); sess%: app requests that carried the session"
     );
+    for r in all.iter().filter(|r| r.ratio_rounds.len() > 1) {
+        let rounds: Vec<String> = r
+            .ratio_rounds
+            .iter()
+            .map(|v| format!("{:.0}%", v * 100.0))
+            .collect();
+        println!(
+            "ratio by round: {} / {}: {}",
+            r.store,
+            r.scenario,
+            rounds.join(" ")
+        );
+    }
     if let Some(rate) = all.iter().find_map(|r| r.target_rate) {
         println!("note: read-rate offers {rate:.0} req/s (paced) to every store, so its latencies compare at the same load");
     }
@@ -351,7 +438,7 @@ fn status(pass: bool) -> &'static str {
 
 /// A target on `value` (None: not run). `caveat`: why the run does not
 /// meet the target's conditions, which makes it INFO instead of PASS/MISS.
-fn target(
+pub fn target(
     name: String,
     value: Option<f64>,
     shown: impl Fn(f64) -> String,
@@ -382,55 +469,116 @@ fn target(
 /// with `sized`, 1 KiB sessions and (writes) 10% writes. The first one the
 /// run does not meet, if any.
 fn off_conditions(r: &Outcome, o: &Options, sized: bool) -> Option<String> {
+    off_conditions_of(o, r.connections, r.session_bytes, r.write_ratio, sized)
+}
+
+/// [`off_conditions`] of a run with these connections, session size and
+/// share of writes.
+pub fn off_conditions_of(
+    o: &Options,
+    connections: usize,
+    session_bytes: usize,
+    write_ratio: f64,
+    sized: bool,
+) -> Option<String> {
     if o.rounds < 3 {
         Some(format!("{} round(s), needs --rounds 3", o.rounds))
-    } else if r.connections != 64 {
-        Some(format!("{} connections, needs 64", r.connections))
+    } else if connections != 64 {
+        Some(format!("{connections} connections, needs 64"))
     } else if o.gateway_threads != 1 {
         Some(format!("{} gateway threads, needs 1", o.gateway_threads))
-    } else if sized && r.session_bytes != 1024 {
-        Some(format!("{} B sessions, needs --size 1024", r.session_bytes))
-    } else if sized && r.write_ratio > 0.0 && (r.write_ratio - 0.1).abs() > 1e-9 {
+    } else if sized && session_bytes != 1024 {
+        Some(format!("{session_bytes} B sessions, needs --size 1024"))
+    } else if sized && write_ratio > 0.0 && (write_ratio - 0.1).abs() > 1e-9 {
         Some(format!(
             "{:.0}% writes, needs --write-ratio 0.1",
-            r.write_ratio * 100.0
+            write_ratio * 100.0
         ))
     } else {
         None
     }
 }
 
+/// Issue 12's throughput targets: (store, scenario, least share of the
+/// baseline's req/s), 1 KiB sessions.
+const SHARES: [(&str, &str, f64); 7] = [
+    ("memory", "read", 0.92),
+    ("redis-near", "read", 0.90),
+    ("redis", "read", 0.80),
+    ("postgres", "read", 0.60),
+    ("postgres-near", "read", 0.60),
+    ("memory", "write", 0.85),
+    ("redis", "write", 0.80),
+];
+
+/// Pairs whose req/s ratio has a target (issue 16: sealing; issue 13: the
+/// access log and /metrics): (A, B, least share of A's req/s that B keeps).
+const PAIRS: [(&str, &str, f64); 3] = [
+    ("memory", "memory-sealed", 0.97),
+    ("redis", "redis-sealed", 0.97),
+    ("baseline-quiet", "baseline", 0.97),
+];
+
+fn share_label(store: &str, scenario: &str, min: f64) -> String {
+    let what = if scenario == "read" {
+        "read (live 1 KiB session)"
+    } else {
+        "10% writes"
+    };
+    format!("{store} {what} req/s >= {:.0}% of baseline", min * 100.0)
+}
+
+/// The target on B's req/s as a share of A's in `scenario`, if the pair
+/// has one: its label and least share.
+pub fn pair_target(a: &str, b: &str, scenario: &str) -> Option<(String, f64)> {
+    if a == "baseline" {
+        return SHARES
+            .iter()
+            .find(|(s, sc, _)| *s == b && *sc == scenario)
+            .map(|(s, sc, min)| (share_label(s, sc, *min), *min));
+    }
+    PAIRS
+        .iter()
+        .find(|(x, y, _)| *x == a && *y == b && scenario == "read")
+        .map(|(x, y, min)| {
+            (
+                format!("{y} read req/s >= {:.0}% of {x}'s", min * 100.0),
+                *min,
+            )
+        })
+}
+
+/// Whether a pair's target is stated for 1 KiB sessions (those against the
+/// baseline are; sealing and logging costs are shares of another store).
+pub fn pair_sized(a: &str) -> bool {
+    a == "baseline"
+}
+
 fn pct(v: f64) -> String {
     format!("{:.1}%", v * 100.0)
 }
 
-pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
+/// The lowest and highest of per-round ratios, as percentages.
+pub fn spread(ratios: &[f64]) -> String {
+    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{} in {:.0}-{:.0}%", ratios.len(), lo * 100.0, hi * 100.0)
+}
+
+pub fn targets(all: &[Outcome], rounds: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
     let mut t = Vec::new();
     let find = |store: &str, scenario: &str| {
         all.iter()
             .find(|r| r.store == store && r.scenario == scenario)
     };
     // Issue 12: req/s as a share of the baseline's, 1 KiB sessions.
-    let shares = [
-        ("memory", "read", 0.92),
-        ("redis-near", "read", 0.90),
-        ("redis", "read", 0.80),
-        ("postgres", "read", 0.60),
-        ("postgres-near", "read", 0.60),
-        ("memory", "write", 0.85),
-        ("redis", "write", 0.80),
-    ];
-    for (store, scenario, min) in shares {
+    for (store, scenario, min) in SHARES {
         let r = find(store, scenario);
-        let what = if scenario == "read" {
-            "read (live 1 KiB session)"
-        } else {
-            "10% writes"
-        };
+        let ratios = r.map(|r| r.ratio_rounds.clone()).unwrap_or_default();
         t.push(target(
-            format!("{store} {what} req/s >= {:.0}% of baseline", min * 100.0),
+            share_label(store, scenario, min),
             r.and_then(|r| r.rps_ratio),
-            pct,
+            |v| format!("{} (rounds: {})", pct(v), spread(&ratios)),
             |v| v >= min,
             r.and_then(|r| off_conditions(r, o, true)),
         ));
@@ -459,15 +607,14 @@ pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
         None,
     ));
     // Issue 16: sealing costs at most 3% of read req/s, same run.
-    for (sealed, plain) in [("memory-sealed", "memory"), ("redis-sealed", "redis")] {
-        let (s, p) = (find(sealed, "read"), find(plain, "read"));
+    for (plain, sealed, min) in &PAIRS[..2] {
+        let s = find(sealed, "read");
+        let ratios = paired_rps_ratios(rounds, sealed, plain, "read");
         t.push(target(
-            format!("{sealed} read req/s >= 97% of {plain}'s"),
-            s.zip(p)
-                .filter(|(_, p)| p.rps > 0.0)
-                .map(|(s, p)| s.rps / p.rps),
-            pct,
-            |v| v >= 0.97,
+            format!("{sealed} read req/s >= {:.0}% of {plain}'s", min * 100.0),
+            median(ratios.clone()),
+            |v| format!("{} (rounds: {})", pct(v), spread(&ratios)),
+            |v| v >= *min,
             s.and_then(|s| off_conditions(s, o, false)),
         ));
     }
@@ -475,9 +622,12 @@ pub fn targets(all: &[Outcome], pure_ns: f64, o: &Options) -> Vec<Target> {
     let (b, q) = (find("baseline", "read"), find("baseline-quiet", "read"));
     t.push(target(
         "baseline (access log + /metrics) read req/s >= 97% of baseline-quiet".into(),
-        b.zip(q)
-            .filter(|(_, q)| q.rps > 0.0)
-            .map(|(b, q)| b.rps / q.rps),
+        median(paired_rps_ratios(
+            rounds,
+            "baseline",
+            "baseline-quiet",
+            "read",
+        )),
         |v| match q.and_then(|q| q.cpu_ratio) {
             // The quiet one's cpu_ratio is the baseline's CPU per request
             // over its own: the inverse is the share to expect from CPU.
@@ -549,6 +699,7 @@ pub fn to_json(
         "git": m.git,
         "machine": machine_json(m),
         "options": {
+            "gateway_cpu": crate::procs::gateway_cpu(),
             "stores": o.stores,
             "scenarios": o.scenarios,
             "duration_s": o.duration.as_secs_f64(),
