@@ -166,7 +166,7 @@ async fn metrics_count_exactly_the_requests_sent() {
 }
 
 /// Sealed reads of a session this gateway wrote come from the open cache
-/// (`session.seal_cache`, on by default): no decryption, counted as hits;
+/// (`session.seal_cache: 10000`; off by default): no decryption, counted as hits;
 /// a patch's update step is a hit too. `seal_cache: 0`: no cache at all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sealed_reads_are_open_cache_hits() {

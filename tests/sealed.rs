@@ -2,7 +2,7 @@
 //! contents a test can read like an attacker with a dump would: no key
 //! holds an issued id, no value holds the app's data; ciphertexts moved to
 //! another key or tampered with give a fresh session, also when the
-//! gateway holds the session opened in its open cache (`session.seal_cache`),
+//! gateway holds the session opened in its open cache (`session.seal_cache: 10000`),
 //! and a change through another gateway is read; switching `seal` on or off
 //! moves each session to the new form on its first request. (The whole
 //! protocol suite also runs sealed for every store: `sealed_suite!`.)
@@ -207,16 +207,16 @@ fn sealed_gateway(
     b.start()
 }
 
-/// The open cache (`session.seal_cache`, on by default) answers a read only
-/// while Redis holds exactly the value it opened: a session read (so
+/// The open cache (`session.seal_cache`, off by default) answers a read
+/// only while Redis holds exactly the value it opened: a session read (so
 /// cached), then tampered with, is no session; a value sealed anew for it
 /// is read; the original, restored, reads again. The same without the
-/// cache.
+/// cache (the default).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cached_session_tampered_with_gives_a_fresh_session() {
     let server = RedisServer::start();
     let up = Upstream::start().await;
-    for seal_cache in [None, Some("0")] {
+    for seal_cache in [Some("10000"), None] {
         let gw = sealed_gateway(&up, &server, seal_cache);
         let alice = Browser::new(&gw);
         alice.patch("/", json!({"user": "alice"})).await;
@@ -256,7 +256,7 @@ async fn a_cached_session_tampered_with_gives_a_fresh_session() {
 async fn a_ciphertext_moved_between_cached_sessions_does_not_load() {
     let server = RedisServer::start();
     let up = Upstream::start().await;
-    let gw = sealed_gateway(&up, &server, None);
+    let gw = sealed_gateway(&up, &server, Some("10000"));
     let alice = Browser::new(&gw);
     alice.patch("/", json!({"user": "alice"})).await;
     let bob = Browser::new(&gw);
@@ -289,8 +289,8 @@ async fn a_ciphertext_moved_between_cached_sessions_does_not_load() {
 async fn a_change_through_another_gateway_is_read_despite_the_cache() {
     let server = RedisServer::start();
     let up = Upstream::start().await;
-    let a = sealed_gateway(&up, &server, None);
-    let b = sealed_gateway(&up, &server, None);
+    let a = sealed_gateway(&up, &server, Some("10000"));
+    let b = sealed_gateway(&up, &server, Some("10000"));
     let browser = Browser::new(&a);
     browser.patch("/", json!({"n": 1})).await;
     assert_eq!(browser.get("/", &[]).await.session(), json!({"n": 1}));

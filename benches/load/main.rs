@@ -105,7 +105,11 @@ fn gateway_yaml(
     } else {
         ""
     };
-    let seal = if env.seal { ", seal: true" } else { "" };
+    let seal = match (env.seal, o.seal_cache) {
+        (false, _) => String::new(),
+        (true, None) => ", seal: true".into(),
+        (true, Some(n)) => format!(", seal: true, seal_cache: {n}"),
+    };
     let access_log = if env.quiet { "access_log: false\n" } else { "" };
     let admin = admin
         .map(|p| format!("admin: {{listen: \"127.0.0.1:{p}\"}}\n"))

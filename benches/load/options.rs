@@ -39,6 +39,8 @@ pub struct Options {
     pub slice: Duration,
     /// Gateway on a CPU of its own, everything else on the others.
     pub pin: bool,
+    /// `session.seal_cache` of the sealed variants (None: the default).
+    pub seal_cache: Option<usize>,
 }
 
 impl Default for Options {
@@ -67,6 +69,7 @@ impl Default for Options {
             alternate: false,
             slice: Duration::from_millis(200),
             pin: true,
+            seal_cache: None,
             gateway: None,
             soak: None,
             soak_stores: list(&["memory", "redis"]),
@@ -225,6 +228,10 @@ struct Args {
     /// 35% (an A/A pair: 84-119% unpinned, 95-104% pinned)
     #[arg(long)]
     no_pin: bool,
+    /// `session.seal_cache` of memory-sealed and redis-sealed [default: the
+    /// gateway's default, 0 (off)]
+    #[arg(long)]
+    seal_cache: Option<usize>,
     /// Compare two result files and exit
     #[arg(long, num_args = 2, value_names = ["OLD", "NEW"])]
     compare: Option<Vec<PathBuf>>,
@@ -329,6 +336,7 @@ impl Options {
             alternate: a.alternate.is_some(),
             slice: a.slice,
             pin: !a.no_pin,
+            seal_cache: a.seal_cache,
         };
         if let Some(pair) = a.alternate.map(lower) {
             if pair.len() != 2 {

@@ -102,10 +102,14 @@ struct Session {
     seal_cache: usize,
 }
 
-/// `session.seal_cache` when not given: enough for the sessions a busy
-/// gateway sees within minutes, about 22 MiB at 1 KiB per session (see
-/// the README's Sealed sessions).
-pub const SEAL_CACHE_DEFAULT: usize = 10_000;
+/// `session.seal_cache` when not given: off. Under load (1 024 live 1 KiB
+/// sessions, two gateways taking turns in `cargo bench --bench load --
+/// --alternate`) sealed Redis reads kept 96-98% of unsealed throughput
+/// without the cache and 90-93% with it (its per-session ciphertext and
+/// plaintext, cold in the CPU caches, cost more than decrypting); on the
+/// memory store the two were even. Off also keeps no plaintext in memory.
+/// See the README's Sealed sessions.
+pub const SEAL_CACHE_DEFAULT: usize = 0;
 /// Largest `session.seal_cache`: its index is allocated up front (tens of
 /// bytes an entry), and a million 1 KiB sessions are already 2 GiB.
 const SEAL_CACHE_MAX: usize = 1_000_000;

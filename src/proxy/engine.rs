@@ -1078,16 +1078,18 @@ store: {type: memory}
     }
 
     #[test]
-    fn the_open_cache_exists_only_when_sealing_and_not_off() {
+    fn the_open_cache_exists_only_when_sealing_and_asked_for() {
         assert!(engine().opened.is_none());
         assert!(engine_with(", seal_cache: 5").opened.is_none());
         assert!(engine_with(", seal: true, seal_cache: 0").opened.is_none());
-        assert!(engine_with(", seal: true").opened.is_some());
+        // Off by default.
+        assert!(engine_with(", seal: true").opened.is_none());
+        assert!(engine_with(", seal: true, seal_cache: 5").opened.is_some());
     }
 
     #[tokio::test]
     async fn sealed_writes_fill_the_open_cache_reads_use_it_and_deletes_empty_it() {
-        let e = engine_with(", seal: true");
+        let e = engine_with(", seal: true, seal_cache: 10000");
         let cache = e.opened.as_ref().unwrap();
         let stored_value = |key: String| {
             let e = &e;
