@@ -232,8 +232,13 @@ async fn turn(
 /// Per scenario: the median of the rounds' B/A ratios, and the target that
 /// pair has, if any.
 pub fn targets(turns: &[Turn], o: &Options) -> Vec<Target> {
-    let mut names: Vec<&str> = turns.iter().map(|t| t.scenario.as_str()).collect();
-    names.dedup();
+    // Scenarios in the order they ran; turns repeat them round by round.
+    let mut names: Vec<&str> = Vec::new();
+    for t in turns {
+        if !names.contains(&t.scenario.as_str()) {
+            names.push(&t.scenario);
+        }
+    }
     let mut out = Vec::new();
     for name in names {
         let these: Vec<&Turn> = turns.iter().filter(|t| t.scenario == name).collect();

@@ -657,6 +657,10 @@ async fn run(o: Options) -> i32 {
     report::print_table(&outcomes, &o);
     println!();
     report::print_targets(&targets);
+    println!(
+        "note: stores measured one after the other see a shared machine at different speeds; \
+         for a ratio to trust there, take turns: --alternate baseline,memory (or memory,memory-sealed, ...)"
+    );
     let json = report::to_json(
         &machine, &o, started, &outcomes, &skipped, &failures, &targets, pure_ns,
     );
