@@ -338,17 +338,6 @@ impl Options {
             pin: !a.no_pin,
             seal_cache: a.seal_cache,
         };
-        if let Some(pair) = a.alternate.map(lower) {
-            if pair.len() != 2 {
-                return Err("--alternate takes two stores: A,B".into());
-            }
-            known("store", &pair, &crate::stores::ALL)?;
-            if o.slice < Duration::from_millis(10) {
-                return Err("--slice must be at least 10ms".into());
-            }
-            o.stores = pair;
-            return Ok(o);
-        }
         known("store", &o.stores, &crate::stores::ALL)?;
         if o.soak.is_some_and(|d| d < Duration::from_secs(1)) {
             return Err("--soak must be at least 1s".into());
@@ -357,6 +346,18 @@ impl Options {
         known("scenario", &o.scenarios, &SCENARIOS)?;
         if o.duration.is_zero() {
             return Err("--duration must be more than 0".into());
+        }
+        if let Some(pair) = a.alternate.map(lower) {
+            if pair.len() != 2 {
+                return Err("--alternate takes two stores: A,B".into());
+            }
+            known("store", &pair, &crate::stores::ALL)?;
+            if o.slice < Duration::from_millis(10) {
+                return Err("--slice must be at least 10ms".into());
+            }
+            // Just the pair, in the order given (A,A allowed).
+            o.stores = pair;
+            return Ok(o);
         }
         // The baseline runs first; it is never a store under test twice.
         o.stores.retain(|s| s != "baseline");
