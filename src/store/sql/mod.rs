@@ -463,6 +463,28 @@ fn decide(data: Option<&[u8]>, f: &UpdateFn<'_>) -> Locked {
     }
 }
 
+/// The fast path of `update_seen` in the dialects with a conditional
+/// write (PostgreSQL, MySQL/MariaDB): decide on `seen`, the value this
+/// request loaded, and write (or delete) with a statement that matches
+/// only a live row still holding exactly `seen`; `write` and `delete` run
+/// that statement and say whether it matched the row. `None`: the row
+/// changed or vanished, or `f` did not decide to write or delete (a
+/// refusal is decided on the current row, by the update transaction).
+async fn write_if_unchanged(
+    seen: &Bytes,
+    f: &UpdateFn<'_>,
+    write: impl AsyncFnOnce(&Bytes) -> Result<bool, StoreError>,
+    delete: impl AsyncFnOnce() -> Result<bool, StoreError>,
+) -> Result<Option<UpdateOutcome>, StoreError> {
+    Ok(match decide(Some(seen), f) {
+        Locked::Write(value) => write(&value)
+            .await?
+            .then_some(UpdateOutcome::Written(value)),
+        Locked::Delete => delete().await?.then_some(UpdateOutcome::Deleted),
+        Locked::Done(_) => None,
+    })
+}
+
 /// Result of one update attempt before error conversion: the outer `Err`
 /// is the database's, `Ok(Err(msg))` is the update function's refusal.
 type Attempt = Result<Result<UpdateOutcome, String>, sqlx::Error>;

@@ -35,10 +35,11 @@
 use super::batch::{Batcher, MAX_BATCH};
 use super::pool::{pooled, Pool};
 use super::{
-    classify, decide, loaded, missing_table, now_and_expiry, now_micros, Attempt, Dialect, Locked,
-    SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH, PURGE_MAX_BATCHES,
+    classify, decide, loaded, missing_table, now_and_expiry, now_micros, write_if_unchanged,
+    Attempt, Dialect, Locked, SqlConfig, TableName, CONFLICT_RETRIES, PURGE_BATCH,
+    PURGE_MAX_BATCHES,
 };
-use crate::session::{Loaded, SessionStore, Step, StoreError, UpdateFn, UpdateOutcome};
+use crate::session::{Loaded, SessionStore, StoreError, UpdateFn, UpdateOutcome};
 use async_trait::async_trait;
 use bytes::Bytes;
 use sqlx::error::ErrorKind;
@@ -319,11 +320,8 @@ impl MySqlStore {
         Ok(Ok(outcome))
     }
 
-    /// Apply `f` to `seen` and write (or delete) only if the row still
-    /// holds exactly `seen` and is live, in one statement (rows "affected"
-    /// count matched rows: `CLIENT_FOUND_ROWS`). `None`: it changed or
-    /// vanished, or `f` did not decide to write or delete (a refusal is
-    /// decided on the current row, by the transaction).
+    /// [`write_if_unchanged`] with this dialect's statements (rows
+    /// "affected" count matched rows: `CLIENT_FOUND_ROWS`).
     async fn update_if_unchanged(
         &self,
         key: &str,
@@ -332,29 +330,27 @@ impl MySqlStore {
         f: &UpdateFn<'_>,
     ) -> Result<Option<UpdateOutcome>, StoreError> {
         let (now, expires) = now_and_expiry(ttl);
-        Ok(match crate::session::decide(Some(seen), f) {
-            Ok(Step::Write(value)) => {
-                let done = pooled!(self.pool, |c| sqlx::query(&self.sql.write_if)
-                    .bind(&value[..])
-                    .bind(expires)
-                    .bind(key)
-                    .bind(now)
-                    .bind(&seen[..])
-                    .execute(c))
-                .map_err(err)?;
-                (done.rows_affected() == 1).then_some(UpdateOutcome::Written(value))
-            }
-            Ok(Step::Delete) => {
-                let done = pooled!(self.pool, |c| sqlx::query(&self.sql.delete_if)
-                    .bind(key)
-                    .bind(now)
-                    .bind(&seen[..])
-                    .execute(c))
-                .map_err(err)?;
-                (done.rows_affected() == 1).then_some(UpdateOutcome::Deleted)
-            }
-            _ => None,
-        })
+        let write = async |value: &Bytes| {
+            let done = pooled!(self.pool, |c| sqlx::query(&self.sql.write_if)
+                .bind(&value[..])
+                .bind(expires)
+                .bind(key)
+                .bind(now)
+                .bind(&seen[..])
+                .execute(c))
+            .map_err(err)?;
+            Ok(done.rows_affected() == 1)
+        };
+        let delete = async || {
+            let done = pooled!(self.pool, |c| sqlx::query(&self.sql.delete_if)
+                .bind(key)
+                .bind(now)
+                .bind(&seen[..])
+                .execute(c))
+            .map_err(err)?;
+            Ok(done.rows_affected() == 1)
+        };
+        write_if_unchanged(seen, f, write, delete).await
     }
 }
 
