@@ -468,9 +468,8 @@ fn main() {
         procs::set_gateway_binary(path.display().to_string());
     }
     // Before the runtime's threads exist: they inherit this thread's CPUs.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if options.pin && options.compare.is_none() && cpus >= 2 {
-        if let Err(e) = procs::pin(cpus - 1, cpus) {
+    if options.pin && options.compare.is_none() {
+        if let Err(e) = procs::pin() {
             eprintln!("warning: not pinned ({e}); the gateway shares CPUs with the load");
         }
     }

@@ -27,31 +27,50 @@ pub fn set_gateway_binary(path: String) {
     let _ = GATEWAY.set(path);
 }
 
-/// The CPU the gateway runs on (`--pin`); None: wherever the kernel puts it.
-static GATEWAY_CPU: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+/// With `--pin`: the CPU the gateway runs on, and how many CPUs this
+/// process could use before pinning itself to the others.
+static PINNED: std::sync::OnceLock<(usize, usize)> = std::sync::OnceLock::new();
 
-/// Pin the gateway to `cpu` and this process (load generator, app, and the
-/// store servers it starts) to every other CPU. Call before any thread or
-/// child is started: they inherit the calling thread's CPUs.
-pub fn pin(cpu: usize, cpus: usize) -> Result<(), String> {
-    let others: Vec<usize> = (0..cpus).filter(|&c| c != cpu).collect();
-    set_affinity(&others).map_err(|e| format!("sched_setaffinity: {e}"))?;
-    let _ = GATEWAY_CPU.set(cpu);
+/// Pin the gateway to the last CPU this process may use and this process
+/// (load generator, app, and the store servers it starts) to the others.
+/// Call before any thread or child is started: they inherit the calling
+/// thread's CPUs. Needs at least two CPUs.
+pub fn pin() -> Result<(), String> {
+    let allowed = affinity().map_err(|e| format!("sched_getaffinity: {e}"))?;
+    let Some((&gateway, others)) = allowed.split_last().filter(|(_, o)| !o.is_empty()) else {
+        return Err(format!("{} CPU(s) only", allowed.len()));
+    };
+    set_affinity(others).map_err(|e| format!("sched_setaffinity: {e}"))?;
+    let _ = PINNED.set((gateway, allowed.len()));
     Ok(())
 }
 
-/// CPUs of the machine, as this process saw them before pinning itself to
-/// fewer.
+/// CPUs this process could use before it pinned itself to fewer.
 pub fn machine_cpus() -> usize {
-    GATEWAY_CPU.get().map_or_else(
+    PINNED.get().map_or_else(
         || std::thread::available_parallelism().map_or(1, |n| n.get()),
-        |&cpu| cpu + 1,
+        |&(_, cpus)| cpus,
     )
 }
 
 /// The gateway's CPU, if pinned.
 pub fn gateway_cpu() -> Option<usize> {
-    GATEWAY_CPU.get().copied()
+    PINNED.get().map(|&(cpu, _)| cpu)
+}
+
+/// The CPUs the calling thread may run on.
+fn affinity() -> std::io::Result<Vec<usize>> {
+    // SAFETY: a zeroed cpu_set_t is a valid empty set, filled in by
+    // sched_getaffinity for this thread; CPU_ISSET only reads it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok((0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &set))
+            .collect())
+    }
 }
 
 /// Restrict the calling thread (and what it starts later) to `cpus`.
