@@ -107,7 +107,7 @@ pub async fn run(cx: &Ctx<'_>, a: &StoreEnv, b: &StoreEnv) -> (Vec<Turn>, Vec<St
                         t.a.rps,
                         t.b.store,
                         t.b.rps,
-                        report::opt(t.ratio, |v| format!("{:.1}%", v * 100.0)),
+                        report::opt(t.ratio, report::pct),
                         report::opt(t.a.gateway_cpu_us_per_req, |v| format!("{v:.1}")),
                         report::opt(t.b.gateway_cpu_us_per_req, |v| format!("{v:.1}")),
                         report::opt(t.cpu_ratio, |v| format!("{:.0}%", v * 100.0)),
@@ -256,7 +256,7 @@ pub fn targets(turns: &[Turn], o: &Options) -> Vec<Target> {
             || (format!("{b} {name} req/s as a share of {a}'s"), 0.0),
             |(label, min)| (format!("{label} (alternating)"), min),
         );
-        let shown = |v: f64| format!("{:.1}% (rounds: {})", v * 100.0, report::spread(&ratios));
+        let shown = |v: f64| format!("{} (rounds: {})", report::pct(v), report::spread(&ratios));
         let mut t = report::target(label, median(ratios.clone()), shown, |v| v >= min, caveat);
         if min == 0.0 && t.status != "NOT RUN" {
             t.status = "INFO";
@@ -274,7 +274,6 @@ pub fn targets(turns: &[Turn], o: &Options) -> Vec<Target> {
     out
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn to_json(
     m: &Machine,
     o: &Options,

@@ -554,7 +554,7 @@ pub fn pair_sized(a: &str) -> bool {
     a == "baseline"
 }
 
-fn pct(v: f64) -> String {
+pub fn pct(v: f64) -> String {
     format!("{:.1}%", v * 100.0)
 }
 
