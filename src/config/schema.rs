@@ -102,13 +102,13 @@ struct Session {
     seal_cache: usize,
 }
 
-/// `session.seal_cache` when not given: off. Under load (1 024 live 1 KiB
-/// sessions, two gateways taking turns in `cargo bench --bench load --
-/// --alternate`) sealed Redis reads kept 96-98% of unsealed throughput
-/// without the cache and 90-93% with it (its per-session ciphertext and
-/// plaintext, cold in the CPU caches, cost more than decrypting); on the
-/// memory store the two were even. Off also keeps no plaintext in memory.
-/// See the README's Sealed sessions.
+/// `session.seal_cache` when not given: off, so no plaintext outlives its
+/// request. Under load (1 024 live 1 KiB sessions, two gateways taking
+/// turns in `cargo bench --bench load -- --alternate`) the cache gains
+/// little: sealed Redis reads kept 95-96% of unsealed throughput with it
+/// and 94-95% without, memory 96-98% with and 92-94% without (a hit reads
+/// cold cached copies where opening writes fresh ones). See the README's
+/// Sealed sessions.
 pub const SEAL_CACHE_DEFAULT: usize = 0;
 /// Largest `session.seal_cache`: its index is allocated up front (tens of
 /// bytes an entry), and a million 1 KiB sessions are already 2 GiB.

@@ -34,6 +34,12 @@ impl SessionId {
         &self.0
     }
 
+    /// A given id (known-answer tests).
+    #[cfg(test)]
+    pub(crate) fn known(id: &str) -> Self {
+        SessionId(id.to_string())
+    }
+
     /// The key under which a store keeps this session.
     pub fn store_key(&self, prefix: &str) -> String {
         let mut key = String::with_capacity(prefix.len() + self.0.len());
