@@ -174,6 +174,10 @@ proptest! {
         let view = StoredSession::decode(legacy.clone().into()).unwrap();
         prop_assert_eq!(view.bytes(), &stored);
         prop_assert_eq!(&SessionRecord::from_stored(&legacy).unwrap(), &record);
+        // The header value is made without a second check: it must be one
+        // that the checking constructor accepts, byte for byte.
+        let checked = http::HeaderValue::from_bytes(header.as_bytes()).unwrap();
+        prop_assert_eq!(view.header_value(), checked);
     }
 }
 

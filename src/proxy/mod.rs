@@ -387,9 +387,6 @@ impl ProxyHttp for SessionProxy {
         }
         let state = ctx.state.as_ref();
         if let Some(value) = state.and_then(|s| s.header_value()) {
-            // Checked as printable ASCII when it was decoded.
-            let value = http::HeaderValue::from_maybe_shared(value)
-                .map_err(|e| Error::because(ErrorType::InternalError, "session header value", e))?;
             upstream_request.insert_header(rt.data_header.clone(), value)?;
         }
         if let Some(error) = state.and_then(SessionState::error_value) {

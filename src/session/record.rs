@@ -31,6 +31,10 @@ pub struct SessionRecord {
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredSession {
     /// Always the current stored form (a legacy value is converted).
+    /// Invariant: every byte after the flag is printable ASCII
+    /// (0x20..0x7f), checked by [`StoredSession::decode`] or written so by
+    /// [`SessionRecord::encode`]; [`StoredSession::header_value`] relies
+    /// on it.
     bytes: Bytes,
 }
 
@@ -69,6 +73,19 @@ impl StoredSession {
     /// The `X-Session` header value (shares the stored bytes).
     pub fn header(&self) -> Bytes {
         self.bytes.slice(1..)
+    }
+
+    /// [`Self::header`] as an HTTP header value, without checking its
+    /// bytes again: they were checked (or written) as printable ASCII when
+    /// this value was made, and a read should not scan a session twice.
+    pub fn header_value(&self) -> http::HeaderValue {
+        let header = self.header();
+        debug_assert!(header.iter().all(|b| (0x20..0x7f).contains(b)));
+        // SAFETY: `from_maybe_shared_unchecked` requires bytes that are
+        // valid in a header value (no control character but tab, no DEL);
+        // printable ASCII (the invariant of `bytes`, see the field) is a
+        // subset. (Debug builds check again inside http.)
+        unsafe { http::HeaderValue::from_maybe_shared_unchecked(header) }
     }
 
     /// Length of [`Self::header`]: what `session.max_bytes` limits.
