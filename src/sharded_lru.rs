@@ -8,8 +8,9 @@
 //! order is approximately global LRU. Locks are plain mutexes; callers
 //! hold one for a map operation only, never across an await.
 
+use foldhash::fast::RandomState;
 use lru::LruCache;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
 use std::sync::{Mutex, MutexGuard};
 
@@ -18,6 +19,9 @@ const MAX_SHARDS: usize = 16;
 
 pub(crate) struct ShardedLru<V> {
     shards: Box<[Mutex<LruCache<String, V>>]>,
+    /// Picks the shard. Keys are store keys of ids the gateway generated
+    /// or verified (no client chooses them), so a fast seeded hash
+    /// (foldhash, as `lru`'s maps use) rather than SipHash.
     hasher: RandomState,
 }
 
@@ -29,7 +33,7 @@ impl<V> ShardedLru<V> {
             shards: (0..shards)
                 .map(|_| Mutex::new(LruCache::new(per_shard)))
                 .collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
         }
     }
 

@@ -6,9 +6,10 @@ use crate::session::{decide, Loaded, SessionStore, Step, StoreError, UpdateFn, U
 use crate::yaml::{deserialize_at, ConfigError};
 use async_trait::async_trait;
 use bytes::Bytes;
+use foldhash::fast::RandomState;
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -55,7 +56,11 @@ struct Entry {
     expires_at: SystemTime,
 }
 
-type Shard = Mutex<HashMap<String, Entry>>;
+/// Keys are `key_prefix` + an id the gateway generated (or verified with
+/// its HMAC key), which no client can choose: a fast seeded hash (foldhash)
+/// rather than SipHash, for the shard and within it.
+type Map = HashMap<String, Entry, RandomState>;
+type Shard = Mutex<Map>;
 
 /// Sharded so concurrent requests of different sessions rarely contend; each
 /// operation holds one shard's lock for a few map operations only, which is
@@ -71,20 +76,22 @@ impl MemoryStore {
     /// entries go first, then those closest to expiry.
     pub fn new(max_entries: usize) -> Self {
         MemoryStore {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            hasher: RandomState::new(),
+            shards: (0..SHARDS)
+                .map(|_| Mutex::new(HashMap::with_hasher(RandomState::default())))
+                .collect(),
+            hasher: RandomState::default(),
             max_per_shard: max_entries.div_ceil(SHARDS).max(1),
         }
     }
 
-    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, HashMap<String, Entry>> {
+    fn shard(&self, key: &str) -> std::sync::MutexGuard<'_, Map> {
         let idx = (self.hasher.hash_one(key) as usize) % SHARDS;
         // A panic while holding the lock cannot leave a map half-updated in a
         // way that matters here, so a poisoned lock is still usable.
         self.shards[idx].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn make_room(map: &mut HashMap<String, Entry>, max: usize, now: SystemTime) {
+    fn make_room(map: &mut Map, max: usize, now: SystemTime) {
         if map.len() < max {
             return;
         }
