@@ -63,8 +63,10 @@ pub fn store_key(prefix: &str, id: &SessionId) -> String {
 
 /// HKDF-Extract without a salt (RFC 5869: a salt of 32 zero bytes) keyed
 /// once: every extraction starts from a copy of this HMAC state instead of
-/// hashing the padded salt again (two SHA-256 blocks of the nine a key
-/// derivation costs). The output is the same as `Hkdf::new(None, id)`.
+/// hashing the padded salt again: a key derivation hashes six SHA-256
+/// blocks instead of eight (callgrind counts nine per sealed read with
+/// the cookie's two and the store key's one). The output is the same as
+/// `Hkdf::new(None, id)`.
 static EXTRACT: LazyLock<HkdfExtract<Sha256>> = LazyLock::new(|| HkdfExtract::new(None));
 
 /// The value key of `id`: HKDF-SHA256(salt: none, ikm: id, info: [`INFO`]).
